@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Sub-center ArcFace dataset cleaning: drop images far from their class's dominant sub-center.
+
+After training with ``lossTopK=K`` the head ``losses.NormDense`` holds K sub-centers per class (kernel columns
+class-major: column ``c * K + k`` is sub-center ``k`` of class ``c``). Each image votes for the sub-center of its
+class nearest to its embedding; the most voted one is the class's dominant sub-center, and images whose angle
+to it exceeds ``deg_thresh`` degrees are dropped (Deng et al. 2020, "Sub-center ArcFace"). The result is an
+image-list npz (``image_names``, ``image_classes``) that ``Train.reset_dataset`` accepts.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from utils import atomic_write
+
+
+def find_norm_dense(model):
+    """The model's ``NormDense`` head (the last one if several)."""
+    heads = [layer for layer in model.layers if type(layer).__name__ == "NormDense"]
+    if not heads:
+        raise ValueError(
+            f"model {model.name!r} has no NormDense layer: pass the full training model, not the basic model"
+        )
+    return heads[-1]
+
+
+def sub_center_cosines(embeddings, labels, kernel, top_k):
+    """``(N, K)`` cosines between each L2-normalized embedding and the K sub-centers of its own class."""
+    centers = kernel / np.maximum(np.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+    centers = centers.reshape(kernel.shape[0], -1, top_k)  # (emb, classes, K): class-major columns
+    return np.einsum("ne,enk->nk", embeddings, centers[:, labels, :])
+
+
+def select_kept(cosines, labels, deg_thresh):
+    """Boolean mask of images within ``deg_thresh`` degrees of their class's dominant (most voted) sub-center."""
+    cos_thresh = np.cos(np.deg2rad(deg_thresh))
+    top_k = cosines.shape[1]
+    votes = np.zeros((labels.max() + 1, top_k), np.int64)
+    np.add.at(votes, (labels, np.argmax(cosines, axis=1)), 1)
+    dominant = np.argmax(votes, axis=1)  # ties go to the lower sub-center index
+    return cosines[np.arange(len(labels)), dominant[labels]] > cos_thresh
+
+
+def _default_dest(data_path, top_k, deg_thresh):
+    stem = os.path.splitext(os.path.basename(os.path.normpath(data_path)))[0]
+    return f"{stem}_topK{top_k}_deg{deg_thresh}.npz"
+
+
+def data_drop_top_k(model, data_path, dest_file=None, deg_thresh=75, limit=0, batch_size=128):
+    """Clean ``data_path`` (class folder or image-list npz) with the sub-center training ``model`` (object or file).
+
+    ``limit > 0`` processes only the first ``limit`` classes (testing). Classes left without images are removed
+    and the remaining labels renumbered 0..n-1. Writes the npz atomically and returns its path.
+    """
+    import keras
+
+    import data
+    from data_distiller import embed_images, load_keras_model, load_teacher
+
+    if not 0 <= deg_thresh <= 180:
+        raise ValueError(f"deg_thresh must be in [0, 180] degrees, got {deg_thresh}")
+    model = load_keras_model(model) if isinstance(model, str | os.PathLike) else model
+    head = find_norm_dense(model)
+    basic_model = keras.Model(model.inputs[0], head.input)
+    kernel, top_k = keras.ops.convert_to_numpy(head.kernel), head.loss_top_k
+
+    content = data.pre_process_folder(os.fspath(data_path))
+    image_names, image_classes = (
+        np.asarray(content["image_names"]),
+        np.asarray(content["image_classes"], dtype=np.int64),
+    )
+    if image_classes.max() >= head.units:
+        raise ValueError(f"data has {image_classes.max() + 1} classes but the model's head has {head.units}")
+    order = np.argsort(image_classes, kind="stable")
+    if limit > 0:
+        order = order[image_classes[order] < limit]
+    image_names, image_classes = image_names[order], image_classes[order]
+    print(
+        f">>>> [Before] emb = {kernel.shape[0]}, classes = {image_classes.max() + 1}, top_k = {top_k}, images = {len(image_names)}"
+    )
+
+    from tqdm import tqdm
+
+    teacher, chunk = load_teacher(basic_model), batch_size * 16
+    cosines = np.concatenate(
+        [
+            sub_center_cosines(
+                embed_images(teacher, image_names[start : start + chunk], batch_size),
+                image_classes[start : start + chunk],
+                kernel,
+                top_k,
+            )
+            for start in tqdm(range(0, len(image_names), chunk), desc="Embedding")
+        ]
+    )
+    keep = select_kept(cosines, image_classes, deg_thresh)
+    kept_names, kept_classes = image_names[keep], image_classes[keep]
+    _, new_classes = np.unique(kept_classes, return_inverse=True)  # renumber, skipping emptied classes
+
+    dest_file = dest_file or _default_dest(data_path, top_k, deg_thresh)
+    with atomic_write(dest_file) as tmp_path:
+        np.savez(tmp_path, image_names=kept_names.astype(str), image_classes=new_classes.astype(np.int64))
+    print(
+        f">>>> [After] classes = {new_classes.max() + 1 if len(new_classes) else 0}, images = {len(kept_names)}, dropped = {int((~keep).sum())}"
+    )
+    return dest_file
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "-M", "--model_file", required=True, help="Saved training model file (with the NormDense head), NOT basic_model"
+    )
+    parser.add_argument(
+        "-D", "--data_path", required=True, help="Original dataset path (class folder or image-list npz)"
+    )
+    parser.add_argument("-d", "--dest_file", default=None, help="Dest file path to save the processed dataset npz")
+    parser.add_argument("-t", "--deg_thresh", type=int, default=75, help="Thresh value in degree, [0, 180]")
+    parser.add_argument("-L", "--limit", type=int, default=0, help="Test parameter, process only the first NUM classes")
+    parser.add_argument("-b", "--batch_size", type=int, default=128, help="Batch size for embedding")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    print(
+        ">>>> Output:",
+        data_drop_top_k(args.model_file, args.data_path, args.dest_file, args.deg_thresh, args.limit, args.batch_size),
+    )
+
+
+if __name__ == "__main__":
+    main()

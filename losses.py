@@ -1,0 +1,859 @@
+"""Classification heads and training losses: the ArcFace margin family, center, triplet and distillation losses.
+
+Every loss takes labels as sparse integers of shape ``(B,)`` / ``(B, 1)`` (what ``data.py`` emits) or as one-hot
+``(B, C)`` rows, computes in float32 whatever the input dtype, returns per-sample values (the Keras reduction
+averages them) and is registered so that a saved model reloads without ``custom_objects``.
+
+Each loss carries a class attribute ``head_type`` telling the trainer which model output it needs:
+``"arcface"`` (cosine logits from ``NormDense``), ``"softmax"`` (a plain Dense/softmax head), ``"triplet"`` /
+``"center"`` (embeddings), ``"distill"`` (teacher embeddings or logits). ``get_head_type(loss)`` answers it for
+any loss, including plain Keras ones (``"softmax"``).
+"""
+
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import utils
+
+PACKAGE = "insightface"
+HEAD_TYPES = ("arcface", "softmax", "triplet", "center", "distill")
+ACOS_GRAD_EPS = 1e-6  # gradients of acos are taken at cos clipped to [-1 + eps, 1 - eps]: finite at exactly +/-1
+
+
+def _register(obj):
+    """Register a layer / loss / function under this library's Keras package name."""
+    return keras.saving.register_keras_serializable(package=PACKAGE)(obj)
+
+
+def get_head_type(loss):
+    """The head a loss needs: its ``head_type`` attribute, ``"softmax"`` for losses that do not declare one."""
+    return getattr(loss, "head_type", "softmax")
+
+
+@_register
+class FunctionLoss(keras.losses.Loss):
+    """A per-sample loss function (``fn(y_true, y_pred) -> (B,)``) as a Keras ``Loss``: reduction, ``sample_weight``
+    and serialization like the loss classes; keeps the function's ``head_type``."""
+
+    def __init__(self, fn, **kwargs):
+        if isinstance(fn, (str, dict)):
+            fn = keras.saving.deserialize_keras_object(fn)
+        if not callable(fn):
+            raise ValueError(f"FunctionLoss needs a callable loss function, got {fn!r}")
+        kwargs.setdefault("name", getattr(fn, "__name__", None))
+        super().__init__(**kwargs)
+        self.fn = fn
+        self.head_type = get_head_type(fn)
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+    def get_config(self):
+        config = super().get_config()
+        config["fn"] = keras.saving.serialize_keras_object(self.fn)
+        return config
+
+
+def as_loss(loss):
+    """``loss`` if it is a Keras ``Loss`` already, else the function wrapped in ``FunctionLoss``."""
+    return loss if isinstance(loss, keras.losses.Loss) else FunctionLoss(loss)
+
+
+# ---------------------------------------------------------------------------------------------- label handling
+def _float32(tensor):
+    """Cast to float32: losses are computed in full precision under any mixed-precision policy."""
+    return tf.cast(tensor, tf.float32)
+
+
+def _is_sparse(y_true):
+    """Sparse labels have rank 1 or a last dimension of 1; everything else is treated as one-hot rows."""
+    rank = len(y_true.shape)
+    return rank == 1 or (rank == 2 and y_true.shape[-1] == 1)
+
+
+def _labels_and_targets(y_true, num_classes):
+    """Return ``(labels, targets)``: int32 class indices ``(B,)`` and the one-hot rows (``None`` when sparse).
+
+    One-hot rows keep their values for the cross entropy (soft rows, e.g. from mixup, stay soft); the margin
+    is applied to their argmax column.
+    """
+    y_true = tf.convert_to_tensor(y_true)
+    if _is_sparse(y_true):
+        return _checked_labels(tf.reshape(tf.cast(y_true, tf.int32), [-1]), num_classes), None
+    if len(y_true.shape) != 2:
+        raise ValueError(f"labels must be sparse (B,) / (B, 1) or one-hot (B, C), got shape {y_true.shape}")
+    if num_classes is not None and y_true.shape[-1] is not None and y_true.shape[-1] != num_classes:
+        raise ValueError(f"one-hot labels have {y_true.shape[-1]} columns but the logits have {num_classes} classes")
+    targets = _float32(y_true)
+    return tf.cast(tf.argmax(targets, axis=-1), tf.int32), targets
+
+
+def _checked_labels(labels, num_classes):
+    """``labels`` after asserting they lie in ``[0, num_classes)`` (a GPU gather would silently read zeros)."""
+    if num_classes is None:
+        return labels
+    message = f"sparse labels must be in [0, {num_classes})"
+    checks = [
+        tf.debugging.assert_non_negative(labels, message=message),
+        tf.debugging.assert_less(labels, tf.constant(num_classes, tf.int32), message=message),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(labels)
+
+
+def _sparse_labels(y_true, num_classes=None):
+    """Class indices ``(B,)`` int32 from sparse or one-hot labels (range-checked when ``num_classes`` is given)."""
+    return _labels_and_targets(y_true, num_classes)[0]
+
+
+def _gather_target(logits, labels):
+    """The logit of each sample's own class: ``logits[i, labels[i]]``."""
+    return tf.gather(logits, labels, axis=1, batch_dims=1)
+
+
+def _replace_target(logits, labels, values):
+    """``logits`` with ``logits[i, labels[i]]`` replaced by ``values[i]`` (gradient flows to both)."""
+    indices = tf.stack([tf.range(tf.shape(labels)[0]), labels], axis=1)
+    return tf.tensor_scatter_nd_update(logits, indices, values)
+
+
+def _log_probs(y_pred, from_logits):
+    """Log-probabilities from logits, or from (unnormalized) probabilities as Keras' cross entropy treats them."""
+    if from_logits:
+        return tf.nn.log_softmax(y_pred, axis=-1)
+    probs = y_pred / tf.reduce_sum(y_pred, axis=-1, keepdims=True)
+    return tf.math.log(tf.clip_by_value(probs, keras.config.epsilon(), 1.0 - keras.config.epsilon()))
+
+
+def _cross_entropy(labels, targets, y_pred, from_logits=True, label_smoothing=0.0):
+    """Per-sample categorical cross entropy with label smoothing ``y * (1 - ls) + ls / C``, sparse or one-hot.
+
+    With sparse labels no ``(B, C)`` one-hot is built: ``-(1 - ls) * logp[y] - ls * mean(logp)``.
+    """
+    log_probs = _log_probs(y_pred, from_logits)
+    if targets is None:
+        loss = -_gather_target(log_probs, labels)
+        if label_smoothing:
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
+        return loss
+    if label_smoothing:
+        num_classes = tf.cast(tf.shape(y_pred)[-1], tf.float32)
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return -tf.reduce_sum(targets * log_probs, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------- distribution
+def _global_batch(*tensors):
+    """Concatenate ``tensors`` over all replicas (identity with one replica or outside a replica context).
+
+    State updates computed from the global batch are the same on every replica, so mirrored state variables
+    stay in sync instead of each replica applying its own stale view.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tensors if len(tensors) > 1 else tensors[0]
+    gathered = tuple(context.all_gather(tensor, axis=0) for tensor in tensors)
+    return gathered if len(gathered) > 1 else gathered[0]
+
+
+def _state_variable(value, name):
+    """A non-trainable float32 state variable that may be assigned inside a replica context.
+
+    ``ONLY_FIRST_REPLICA`` is correct because every replica computes the identical update (``_global_batch``).
+    """
+    return tf.Variable(
+        value, dtype=tf.float32, trainable=False, name=name, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA
+    )
+
+
+# ---------------------------------------------------------------------------------------------- cosine head
+@_register
+class NormDense(keras.layers.Layer):
+    """Cosine classifier head: ``l2n(x) @ l2n(W, axis=0)`` with kernel ``(emb, units * loss_top_k)``.
+
+    ``loss_top_k > 1`` is sub-center ArcFace (Deng et al. 2020): ``K`` centers per class, columns class-major,
+    output the max over the K cosines. ``append_norm=True`` (MagFace / AdaFace) appends a last column holding
+    ``-||x||``: negated so that argmax-based accuracy metrics never pick it; ``split_norm_column`` undoes it.
+    Always computes in float32, also under a mixed-precision policy.
+    """
+
+    def __init__(self, units=1000, kernel_regularizer=None, loss_top_k=1, append_norm=False, **kwargs):
+        kwargs.pop("dtype", None)
+        super().__init__(dtype="float32", **kwargs)
+        if int(units) < 1 or int(loss_top_k) < 1:
+            raise ValueError(f"units and loss_top_k must be >= 1, got {units}, {loss_top_k}")
+        self.units, self.loss_top_k, self.append_norm = int(units), int(loss_top_k), bool(append_norm)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], self.units * self.loss_top_k),
+            initializer="glorot_normal",
+            regularizer=self.kernel_regularizer,
+            trainable=True,
+        )
+
+    def call(self, inputs):
+        inputs = keras.ops.cast(inputs, "float32")
+        norm_inputs = _l2_normalize(inputs, axis=1)
+        norm_kernel = _l2_normalize(self.kernel, axis=0)
+        output = keras.ops.matmul(norm_inputs, norm_kernel)
+        if self.loss_top_k > 1:
+            output = keras.ops.max(keras.ops.reshape(output, (-1, self.units, self.loss_top_k)), axis=2)
+        if self.append_norm:
+            norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(inputs), axis=1, keepdims=True))
+            output = keras.ops.concatenate([output, -norm], axis=-1)
+        return output
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.units + int(self.append_norm))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "units": self.units,
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+                "loss_top_k": self.loss_top_k,
+                "append_norm": self.append_norm,
+            }
+        )
+        return config
+
+
+def _l2_normalize(tensor, axis):
+    """L2-normalize with a floor of 1e-10 on the squared norm (a zero row stays zero instead of NaN)."""
+    squared = keras.ops.sum(keras.ops.square(tensor), axis=axis, keepdims=True)
+    return tensor * keras.ops.rsqrt(keras.ops.maximum(squared, 1e-10))
+
+
+def split_norm_column(y_pred):
+    """Split ``NormDense(append_norm=True)`` output into cosines ``(B, C)`` and embedding norms ``(B,)``."""
+    y_pred = _float32(y_pred)
+    return y_pred[:, :-1], -y_pred[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------- margins
+def _safe_acos(cos_t):
+    """``acos(c)`` with the exact value on [-1, 1] and a finite gradient also at ``c = +/-1``.
+
+    The gradient is that of ``acos(clip(c, -1 + eps, 1 - eps))`` (zero beyond the clip), the value is exact.
+    """
+    exact = tf.acos(tf.clip_by_value(cos_t, -1.0, 1.0))
+    tight = tf.acos(tf.clip_by_value(cos_t, -1.0 + ACOS_GRAD_EPS, 1.0 - ACOS_GRAD_EPS))
+    return tight + tf.stop_gradient(exact - tight)
+
+
+def margin_target(cos_t, margin1=1.0, margin2=0.0, margin3=0.0, fallback="mirror", theta_clip=None):
+    """The target-class logit of the ArcFace family: ``cos(m1 * theta + m2) - m3`` with ``theta = acos(c)``.
+
+    This is the one place the margin is computed; the losses differ only in the branch used where the plain
+    formula stops decreasing in theta (``c <= cos((pi - m2) / m1)``):
+
+    - ``"mirror"`` (``ArcfaceLoss``, Keras_insightface): ``(-1 - m3) * 2 - t``, keeping the curve monotonic;
+    - ``"linear"`` (MXNet loss-type 4 / arcface_torch ``easy_margin=False``, CurricularFace, MagFace; needs
+      m1 = 1, m3 = 0): ``c - m2 * sin(pi - m2)``;
+    - ``"none"``: no branch; with ``theta_clip=eps`` the angle ``m1 * theta + m2`` is clipped into
+      ``[eps, pi - eps]`` first (AdaFace, Kim et al. 2022).
+
+    ``margin2`` / ``margin3`` may be per-sample tensors (MagFace, AdaFace).
+    """
+    theta = margin1 * _safe_acos(cos_t) + margin2
+    if theta_clip is not None:
+        theta = tf.clip_by_value(theta, theta_clip, math.pi - theta_clip)
+    target = tf.cos(theta) - margin3
+    if fallback == "none":
+        return target
+    threshold = tf.cos((math.pi - margin2) / margin1)
+    if fallback == "mirror":
+        return tf.where(cos_t > threshold, target, (-1.0 - margin3) * 2.0 - target)
+    if fallback == "linear":
+        return tf.where(cos_t > threshold, target, cos_t - margin2 * tf.sin(math.pi - margin2))
+    raise ValueError(f"fallback must be 'mirror', 'linear' or 'none', got {fallback!r}")
+
+
+class _CosineLoss(keras.losses.Loss):
+    """Base of the losses on cosine logits: float32 casting, label parsing, scaled cross entropy, config.
+
+    ``append_norm`` tells the trainer to build ``NormDense(..., append_norm=loss.append_norm)``.
+    """
+
+    head_type = "arcface"
+    append_norm = False
+
+    def __init__(self, scale=64.0, from_logits=True, label_smoothing=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.scale, self.from_logits, self.label_smoothing = float(scale), bool(from_logits), float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        cosines = _float32(y_pred)
+        labels, targets = _labels_and_targets(y_true, cosines.shape[-1])
+        logits = self.margin_logits(cosines, labels)
+        return _cross_entropy(labels, targets, logits, self.from_logits, self.label_smoothing)
+
+    def margin_logits(self, cosines, labels):
+        """Scaled logits with the margin applied to each sample's target column."""
+        raise NotImplementedError
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"scale": self.scale, "from_logits": self.from_logits, "label_smoothing": self.label_smoothing})
+        return config
+
+
+class _NormAwareLoss(_CosineLoss):
+    """Base of MagFace / AdaFace: ``y_pred`` is ``NormDense(append_norm=True)`` output, last column ``-||x||``."""
+
+    append_norm = True
+
+    def call(self, y_true, y_pred):
+        cosines, norms = split_norm_column(y_pred)
+        labels, targets = _labels_and_targets(y_true, cosines.shape[-1])
+        logits = self.margin_logits(cosines, labels, norms)
+        loss = _cross_entropy(labels, targets, logits, self.from_logits, self.label_smoothing)
+        return loss + self.norm_regularizer(norms)
+
+    def margin_logits(self, cosines, labels, norms):
+        """Scaled logits with a norm-dependent margin on each sample's target column."""
+        raise NotImplementedError
+
+    def norm_regularizer(self, norms):
+        """Per-sample term added to the cross entropy (none by default)."""
+        return 0.0
+
+
+@_register
+class ArcfaceLoss(_CosineLoss):
+    """Combined-margin ArcFace (InsightFace, Deng et al. 2019): target ``cos(m1*theta + m2) - m3``, times scale.
+
+    Margin sets: norm softmax (1, 0, 0), SphereFace (1.5, 0, 0), CosFace (1, 0, 0.35), ArcFace (1, 0.5, 0),
+    combined (1.2, 0.4, 0), (1.1, 0, 0.35), (1, 0.3, 0.2), (0.9, 0.4, 0.15). Below ``cos((pi - m2)/m1)`` the
+    target is mirrored to ``(-1 - m3) * 2 - t`` so it keeps decreasing with theta.
+    """
+
+    def __init__(
+        self, margin1=1.0, margin2=0.5, margin3=0.0, scale=64.0, from_logits=True, label_smoothing=0, **kwargs
+    ):
+        super().__init__(scale=scale, from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
+        self.margin1, self.margin2, self.margin3 = float(margin1), float(margin2), float(margin3)
+
+    def margin_logits(self, cosines, labels):
+        target = margin_target(_gather_target(cosines, labels), self.margin1, self.margin2, self.margin3, "mirror")
+        return _replace_target(cosines, labels, target) * self.scale
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"margin1": self.margin1, "margin2": self.margin2, "margin3": self.margin3})
+        return config
+
+
+@_register
+class ArcfaceLossSimple(_CosineLoss):
+    """ArcFace as MXNet loss-type 4 (old name ``ArcfaceLossT4``): target ``c*cos m - sqrt(1-c^2)*sin m`` where
+    ``c > cos(pi - m)``, else ``c - m*sin(pi - m)`` (arcface_torch ``easy_margin=False``)."""
+
+    def __init__(self, margin=0.5, scale=64.0, from_logits=True, label_smoothing=0, **kwargs):
+        super().__init__(scale=scale, from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
+        self.margin = float(margin)
+
+    def margin_logits(self, cosines, labels):
+        target = margin_target(_gather_target(cosines, labels), 1.0, self.margin, 0.0, "linear")
+        return _replace_target(cosines, labels, target) * self.scale
+
+    def get_config(self):
+        config = super().get_config()
+        config["margin"] = self.margin
+        return config
+
+
+ArcfaceLossT4 = ArcfaceLossSimple
+
+
+@_register
+class CosFaceLoss(ArcfaceLoss):
+    """CosFace / large-margin cosine loss (Wang et al. 2018): target ``c - m``, times scale.
+
+    ``ArcfaceLoss(1, 0, m)``: the mirrored branch only starts at ``c = -1``, where it equals ``c - m``.
+    """
+
+    def __init__(self, margin=0.35, scale=64.0, from_logits=True, label_smoothing=0, **kwargs):
+        for key in ("margin1", "margin2", "margin3"):
+            kwargs.pop(key, None)
+        super().__init__(1.0, 0.0, margin, scale, from_logits, label_smoothing, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["margin"] = config.pop("margin3")
+        config.pop("margin1")
+        config.pop("margin2")
+        return config
+
+
+@_register
+def scale_softmax(y_true, y_pred, scale=64.0, from_logits=True, label_smoothing=0):
+    """Cross entropy on ``scale * cos`` logits, no margin (the seeds' ``scale_softmax``); per-sample values."""
+    cosines = _float32(y_pred)
+    labels, targets = _labels_and_targets(y_true, cosines.shape[-1])
+    return _cross_entropy(labels, targets, cosines * scale, from_logits, label_smoothing)
+
+
+scale_softmax.head_type = "arcface"
+
+
+@_register
+class AdaCosLoss(_CosineLoss):
+    """AdaCos (Zhang et al. 2019): logits ``s * c``, no margin, scale fixed at ``sqrt(2) * log(C - 1)`` or dynamic.
+
+    Dynamic: ``s = log(B_avg) / cos(min(max_median, theta_med))``, ``B_avg`` = batch mean over samples of
+    ``sum_{j != y} exp(s_prev * c_j)``, ``theta_med`` = median target angle (the lower middle value for an even
+    count, as ``torch.median``), computed from the global batch and used for this batch already. The scale is
+    kept in a non-trainable variable (``scale_variable``); ``num_classes`` only seeds it (default: from logits).
+    """
+
+    def __init__(
+        self,
+        num_classes=None,
+        is_dynamic=True,
+        max_median=math.pi / 4,
+        from_logits=True,
+        label_smoothing=0,
+        **kwargs,
+    ):
+        kwargs.pop("scale", None)
+        super().__init__(scale=0.0, from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
+        if num_classes is not None and num_classes < 3:
+            raise ValueError(f"AdaCosLoss needs num_classes >= 3, got {num_classes}")
+        self.num_classes, self.is_dynamic, self.max_median = num_classes, bool(is_dynamic), float(max_median)
+        self.scale_variable = _state_variable(0.0, "adacos_scale") if self.is_dynamic else None
+
+    def fixed_scale(self, num_classes):
+        """The AdaCos fixed scale ``sqrt(2) * log(C - 1)``."""
+        return math.sqrt(2.0) * math.log((self.num_classes or num_classes) - 1)
+
+    def margin_logits(self, cosines, labels):
+        fixed = self.fixed_scale(cosines.shape[-1])
+        if not self.is_dynamic:
+            return cosines * fixed
+        previous = tf.where(self.scale_variable > 0, self.scale_variable, fixed)
+        target_cos = _gather_target(cosines, labels)
+        non_target_sum = tf.reduce_sum(tf.exp(previous * cosines), axis=-1) - tf.exp(previous * target_cos)
+        target_cos, non_target_sum = _global_batch(tf.stop_gradient(target_cos), tf.stop_gradient(non_target_sum))
+        theta = tf.sort(tf.acos(tf.clip_by_value(target_cos, -1.0, 1.0)))
+        theta_med = theta[(tf.shape(theta)[0] - 1) // 2]
+        scale = tf.math.log(tf.reduce_mean(non_target_sum)) / tf.cos(tf.minimum(self.max_median, theta_med))
+        self.scale_variable.assign(scale)
+        return cosines * scale
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("scale")
+        config.update({"num_classes": self.num_classes, "is_dynamic": self.is_dynamic, "max_median": self.max_median})
+        return config
+
+
+@_register
+class CurricularFaceLoss(ArcfaceLossSimple):
+    """CurricularFace (Huang et al. 2020): ArcFace target (``ArcfaceLossSimple``'s) plus hard negatives
+    re-weighted, ``c_j -> c_j * (t + c_j)`` where ``c_j > cos(theta_y + m)``; ``t`` is an EMA of the mean
+    target cosine, ``t = momentum * mean(c_y) + (1 - momentum) * t`` (non-trainable, initial 0, global batch)."""
+
+    def __init__(self, margin=0.5, scale=64.0, momentum=0.01, from_logits=True, label_smoothing=0, **kwargs):
+        super().__init__(margin=margin, scale=scale, from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
+        self.momentum = float(momentum)
+        self.hard_scale = _state_variable(0.0, "curricular_t")
+
+    def margin_logits(self, cosines, labels):
+        target_cos = _gather_target(cosines, labels)
+        target = margin_target(target_cos, 1.0, self.margin, 0.0, "linear")
+        target_with_margin = margin_target(target_cos, 1.0, self.margin, 0.0, "none")
+        batch_mean = tf.reduce_mean(_global_batch(tf.stop_gradient(target_cos)))
+        hard_scale = self.momentum * batch_mean + (1.0 - self.momentum) * self.hard_scale
+        self.hard_scale.assign(hard_scale)
+        hard = cosines > tf.expand_dims(target_with_margin, 1)
+        cosines = tf.where(hard, cosines * (hard_scale + cosines), cosines)
+        return _replace_target(cosines, labels, target) * self.scale
+
+    def get_config(self):
+        config = super().get_config()
+        config["momentum"] = self.momentum
+        return config
+
+
+@_register
+class MagFaceLoss(_NormAwareLoss):
+    """MagFace (Meng et al. 2021), on ``NormDense(append_norm=True)`` output. With ``a = clip(||x||, l_a, u_a)``:
+    margin ``m(a) = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m`` in the ``ArcfaceLossSimple`` target, plus
+    ``lambda_g * g(a)`` with ``g(a) = a / u_a^2 + 1 / a``."""
+
+    def __init__(
+        self,
+        min_feature_norm=10.0,
+        max_feature_norm=110.0,
+        min_margin=0.45,
+        max_margin=0.8,
+        scale=64.0,
+        regularizer_loss_lambda=35.0,
+        from_logits=True,
+        label_smoothing=0,
+        **kwargs,
+    ):
+        super().__init__(scale=scale, from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
+        if not 0 < min_feature_norm < max_feature_norm:
+            raise ValueError(
+                f"need 0 < min_feature_norm < max_feature_norm, got {min_feature_norm}, {max_feature_norm}"
+            )
+        self.min_feature_norm, self.max_feature_norm = float(min_feature_norm), float(max_feature_norm)
+        self.min_margin, self.max_margin = float(min_margin), float(max_margin)
+        self.regularizer_loss_lambda = float(regularizer_loss_lambda)
+
+    def _clipped_norms(self, norms):
+        return tf.clip_by_value(norms, self.min_feature_norm, self.max_feature_norm)
+
+    def margin_logits(self, cosines, labels, norms):
+        slope = (self.max_margin - self.min_margin) / (self.max_feature_norm - self.min_feature_norm)
+        margin = slope * (self._clipped_norms(norms) - self.min_feature_norm) + self.min_margin
+        target = margin_target(_gather_target(cosines, labels), 1.0, margin, 0.0, "linear")
+        return _replace_target(cosines, labels, target) * self.scale
+
+    def norm_regularizer(self, norms):
+        norms = self._clipped_norms(norms)
+        return self.regularizer_loss_lambda * (norms / self.max_feature_norm**2 + 1.0 / norms)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("min_feature_norm", "max_feature_norm", "min_margin", "max_margin", "regularizer_loss_lambda"):
+            config[key] = getattr(self, key)
+        return config
+
+
+@_register
+class AdaFaceLoss(_NormAwareLoss):
+    """AdaFace (Kim et al. 2022), on ``NormDense(append_norm=True)`` output. With ``a = clip(||x||, 1e-3, 100)``
+    (no gradient), EMA batch statistics ``mu, sigma`` (momentum ``mean_std_alpha``, initial 20 / 100, unbiased
+    std, global batch) and ``z = clip(h * (a - mu) / (sigma + 1e-3), -1, 1)``: target
+    ``cos(clip(theta - m*z, 1e-3, pi - 1e-3)) - (m + m*z)``, times scale."""
+
+    def __init__(
+        self,
+        margin=0.4,
+        margin_alpha=0.333,
+        mean_std_alpha=0.01,
+        scale=64.0,
+        from_logits=True,
+        label_smoothing=0,
+        **kwargs,
+    ):
+        super().__init__(scale=scale, from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
+        self.margin, self.margin_alpha, self.mean_std_alpha = float(margin), float(margin_alpha), float(mean_std_alpha)
+        self.batch_mean = _state_variable(20.0, "adaface_batch_mean")
+        self.batch_std = _state_variable(100.0, "adaface_batch_std")
+
+    def _update_norm_statistics(self, norms):
+        """EMA update of the norm mean / unbiased std from the global batch; returns the new values."""
+        norms = _global_batch(norms)
+        count = tf.cast(tf.shape(norms)[0], tf.float32)
+        mean = tf.reduce_mean(norms)
+        std = tf.sqrt(tf.reduce_sum(tf.square(norms - mean)) / tf.maximum(count - 1.0, 1.0))
+        alpha = self.mean_std_alpha
+        new_mean = alpha * mean + (1.0 - alpha) * self.batch_mean
+        new_std = alpha * std + (1.0 - alpha) * self.batch_std
+        self.batch_mean.assign(new_mean)
+        self.batch_std.assign(new_std)
+        return new_mean, new_std
+
+    def margin_logits(self, cosines, labels, norms):
+        norms = tf.stop_gradient(tf.clip_by_value(norms, 1e-3, 100.0))
+        mean, std = self._update_norm_statistics(norms)
+        scaler = tf.clip_by_value(self.margin_alpha * (norms - mean) / (std + 1e-3), -1.0, 1.0)
+        margin = self.margin * scaler
+        target_cos = _gather_target(cosines, labels)
+        target = margin_target(target_cos, 1.0, -margin, self.margin + margin, "none", theta_clip=1e-3)
+        return _replace_target(cosines, labels, target) * self.scale
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"margin": self.margin, "margin_alpha": self.margin_alpha, "mean_std_alpha": self.mean_std_alpha})
+        return config
+
+
+@_register
+class MarginSoftmax(keras.losses.Loss):
+    """Margin softmax on softmax probabilities (seeds' ``margin_softmax``): the target probability ``p`` is
+    replaced by ``(p**power + scale * p) / 2`` before the cross entropy (Keras semantics for probabilities)."""
+
+    head_type = "softmax"
+
+    def __init__(self, power=2.0, scale=0.4, from_logits=False, label_smoothing=0, **kwargs):
+        super().__init__(**kwargs)
+        self.power, self.scale = float(power), float(scale)
+        self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        probs = _float32(y_pred)
+        labels, targets = _labels_and_targets(y_true, probs.shape[-1])
+        target = _gather_target(probs, labels)
+        probs = _replace_target(probs, labels, (target**self.power + self.scale * target) / 2.0)
+        return _cross_entropy(labels, targets, probs, self.from_logits, self.label_smoothing)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "power": self.power,
+                "scale": self.scale,
+                "from_logits": self.from_logits,
+                "label_smoothing": self.label_smoothing,
+            }
+        )
+        return config
+
+
+@_register
+def margin_softmax(y_true, y_pred):
+    """Function form of ``MarginSoftmax()`` with its defaults, as the seeds' schedules name it."""
+    return MarginSoftmax(reduction=None)(y_true, y_pred)
+
+
+margin_softmax.head_type = "softmax"
+
+
+# ---------------------------------------------------------------------------------------------- center loss
+@_register
+class CenterLoss(keras.losses.Loss):
+    """Center loss (Wen et al. 2016) on embeddings: per sample ``sum((e - c_y)^2) / 2``.
+
+    After computing the loss the centers (non-trainable, ``(num_classes, emb_shape)``) move towards the batch:
+    ``c_y -= alpha * sum_{i: y_i = y} (c_y - e_i) / (1 + n_y)`` with ``n_y`` the count of class ``y`` in the
+    batch (no gradient through the update). Under ``tf.distribute`` the update is computed from the global batch
+    (labels and embeddings all-gathered), so every replica applies the same one. Create the loss inside the
+    strategy scope. ``initial_file``: a ``.npy`` of centers to start from (e.g. ``<stem>_centers.npy``), used
+    when it exists.
+    """
+
+    head_type = "center"
+
+    def __init__(self, num_classes, emb_shape=512, alpha=0.5, initial_file=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes, self.emb_shape, self.alpha = int(num_classes), int(emb_shape), float(alpha)
+        self.initial_file = None if initial_file is None else os.fspath(initial_file)
+        self.centers = _state_variable(self._initial_centers(), "centers")
+
+    def _initial_centers(self):
+        """Zeros, or the centers stored in ``initial_file`` when it exists (shape checked, no pickle)."""
+        shape = (self.num_classes, self.emb_shape)
+        if self.initial_file is None or not os.path.exists(self.initial_file):
+            return np.zeros(shape, dtype="float32")
+        centers = np.load(self.initial_file, allow_pickle=False)
+        if centers.shape != shape:
+            raise ValueError(f"centers in {self.initial_file} have shape {centers.shape}, expected {shape}")
+        return centers.astype("float32")
+
+    def call(self, y_true, y_pred):
+        embeddings = _float32(y_pred)
+        labels = _sparse_labels(y_true, self.num_classes)
+        loss = tf.reduce_sum(tf.square(embeddings - tf.gather(self.centers, labels)), axis=-1) / 2.0
+        update = self._centers_update(*_global_batch(labels, tf.stop_gradient(embeddings)))
+        with tf.control_dependencies([update]):
+            return tf.identity(loss)
+
+    def _centers_update(self, labels, embeddings):
+        """Apply ``c_y -= alpha * (c_y - e) / (1 + n_y)`` for every sample of the (global) batch."""
+        appear_times = tf.reduce_sum(tf.cast(_same_label_mask(labels), tf.float32), axis=1)  # XLA-friendly count
+        diff = self.alpha * (tf.gather(self.centers, labels) - embeddings) / tf.expand_dims(1.0 + appear_times, 1)
+        return self.centers.scatter_sub(tf.IndexedSlices(diff, labels))
+
+    def save_centers(self, path):
+        """Write the centers to ``path`` (``.npy``) atomically."""
+        with utils.atomic_write(path, suffix=".npy") as tmp_path:
+            np.save(tmp_path, self.centers.numpy())
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_classes": self.num_classes,
+                "emb_shape": self.emb_shape,
+                "alpha": self.alpha,
+                "initial_file": self.initial_file,
+            }
+        )
+        return config
+
+
+# ---------------------------------------------------------------------------------------------- triplet losses
+def _same_label_mask(labels):
+    """``(B, B)`` bool, true where two samples share a label (the diagonal included)."""
+    return tf.equal(tf.expand_dims(labels, 0), tf.expand_dims(labels, 1))
+
+
+def batch_hard_from_distances(labels, dists, alpha=0.35):
+    """Per-anchor batch-hard triplet loss ``max(max_pos d - min_neg d + alpha, 0)`` from distances in [0, 2].
+
+    With cosine distances ``d = 1 - s`` this is the seeds' ``max_neg s - min_pos s + alpha``; a missing positive
+    or negative counts as the bound of the range (as the seeds' fill values 1 / -1 for similarities).
+    """
+    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), _float32(dists)
+    positive = _same_label_mask(labels)
+    hardest_pos = tf.reduce_max(tf.where(positive, dists, 0.0), axis=-1)
+    hardest_neg = tf.reduce_min(tf.where(positive, 2.0, dists), axis=-1)
+    return tf.maximum(hardest_pos - hardest_neg + alpha, 0.0)
+
+
+def batch_all_from_distances(labels, dists, alpha=0.35):
+    """Per-anchor batch-all loss of the seeds (002), from cosine distances ``d = 1 - s``:
+    ``mean_pos d + sum_{valid neg} s / (n_valid + 1)``, valid negatives having ``d - max_pos d < alpha``."""
+    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), _float32(dists)
+    positive = _same_label_mask(labels)
+    pos_dists = tf.where(positive, dists, 0.0)
+    pos_loss = tf.reduce_sum(pos_dists, axis=-1) / tf.reduce_sum(tf.cast(positive, tf.float32), axis=-1)
+    hardest_pos = tf.reduce_max(pos_dists, axis=-1, keepdims=True)
+    valid_neg = tf.logical_and(tf.logical_not(positive), dists - hardest_pos < alpha)
+    neg_sum = tf.reduce_sum(tf.where(valid_neg, 1.0 - dists, 0.0), axis=-1)
+    return pos_loss + neg_sum / (tf.reduce_sum(tf.cast(valid_neg, tf.float32), axis=-1) + 1.0)
+
+
+def batch_all_hermans_from_distances(labels, dists, alpha=0.35):
+    """Batch-all of Hermans et al. 2017: mean of ``max(d_ap - d_an + alpha, 0)`` over the triplets where it is
+    positive; returned per anchor (anchor sum scaled so that the batch mean is that value). Memory O(B^3)."""
+    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), _float32(dists)
+    positive = _same_label_mask(labels)
+    not_self = tf.logical_not(tf.eye(tf.shape(labels)[0], dtype=tf.bool))
+    pos_pairs = tf.logical_and(positive, not_self)
+    valid = tf.logical_and(tf.expand_dims(pos_pairs, 2), tf.expand_dims(tf.logical_not(positive), 1))
+    triplets = tf.maximum(tf.expand_dims(dists, 2) - tf.expand_dims(dists, 1) + alpha, 0.0)
+    triplets = tf.where(valid, triplets, 0.0)
+    num_positive = tf.reduce_sum(tf.cast(triplets > 0, tf.float32))
+    batch_size = tf.cast(tf.shape(labels)[0], tf.float32)
+    return tf.reduce_sum(triplets, axis=[1, 2]) * batch_size / tf.maximum(num_positive, 1.0)
+
+
+def cosine_distances(embeddings):
+    """``1 - cos`` between all rows of L2-normalized ``embeddings``, in [0, 2]."""
+    return 1.0 - tf.matmul(embeddings, embeddings, transpose_b=True)
+
+
+def euclidean_distances(embeddings):
+    """Euclidean distances between all rows of L2-normalized ``embeddings``, in [0, 2] (finite gradient at 0)."""
+    squared = 2.0 - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True)
+    return tf.sqrt(tf.maximum(squared, 1e-12))
+
+
+class _TripletLoss(keras.losses.Loss):
+    """Base of the online triplet losses: labels + embeddings -> per-anchor loss on L2-normalized embeddings."""
+
+    head_type = "triplet"
+    distance_fn = staticmethod(cosine_distances)
+    loss_fn = None
+
+    def __init__(self, alpha=0.35, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha = float(alpha)
+
+    def call(self, y_true, y_pred):
+        embeddings = tf.math.l2_normalize(_float32(y_pred), axis=-1, epsilon=1e-10)
+        return self.loss_fn(_sparse_labels(y_true), self.distance_fn(embeddings), self.alpha)
+
+    def get_config(self):
+        config = super().get_config()
+        config["alpha"] = self.alpha
+        return config
+
+
+@_register
+class BatchHardTripletLoss(_TripletLoss):
+    """Batch-hard triplet loss (Hermans et al. 2017) on cosine similarity: ``max(max_neg s - min_pos s + alpha, 0)``."""
+
+    loss_fn = staticmethod(batch_hard_from_distances)
+
+
+@_register
+class BatchAllTripletLoss(_TripletLoss):
+    """The seeds' batch-all loss on cosine similarity (see ``batch_all_from_distances``)."""
+
+    loss_fn = staticmethod(batch_all_from_distances)
+
+
+@_register
+class BatchHardTripletLossEuclidean(_TripletLoss):
+    """Batch-hard triplet loss on Euclidean distances of L2-normalized embeddings: ``max(max_pos d - min_neg d + a, 0)``."""
+
+    distance_fn = staticmethod(euclidean_distances)
+    loss_fn = staticmethod(batch_hard_from_distances)
+
+
+@_register
+class BatchAllTripletLossEuclidean(_TripletLoss):
+    """Batch-all triplet loss of Hermans et al. 2017 on Euclidean distances of L2-normalized embeddings."""
+
+    distance_fn = staticmethod(euclidean_distances)
+    loss_fn = staticmethod(batch_all_hermans_from_distances)
+
+
+@_register
+class OfflineTripletLoss(_TripletLoss):
+    """Triplet loss on pre-mined triplets: the batch is ``[anchors; positives; negatives]`` (3 equal thirds),
+    per triplet ``max(s_an - s_ap + alpha, 0)`` on cosine similarity; labels are ignored."""
+
+    def call(self, y_true, y_pred):
+        embeddings = tf.math.l2_normalize(_float32(y_pred), axis=-1, epsilon=1e-10)
+        batch = embeddings.shape[0]
+        if batch is not None and batch % 3:
+            raise ValueError(
+                f"OfflineTripletLoss needs a batch of 3 equal thirds (anchor, positive, negative), got {batch}"
+            )
+        anchor, positive, negative = tf.split(embeddings, 3, axis=0)
+        pos_sim = tf.reduce_sum(anchor * positive, axis=-1)
+        neg_sim = tf.reduce_sum(anchor * negative, axis=-1)
+        return tf.maximum(neg_sim - pos_sim + self.alpha, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+@_register
+def distiller_loss_cosine(true_emb, pred_emb):
+    """Embedding distillation ``1 - cos(teacher, student)`` per sample."""
+    true_emb = tf.math.l2_normalize(_float32(true_emb), axis=-1, epsilon=1e-10)
+    pred_emb = tf.math.l2_normalize(_float32(pred_emb), axis=-1, epsilon=1e-10)
+    return 1.0 - tf.reduce_sum(true_emb * pred_emb, axis=-1)
+
+
+@_register
+def distiller_loss_euclidean(true_emb, pred_emb):
+    """Embedding distillation ``sum((l2n(teacher) - l2n(student))^2)`` per sample (seed 004)."""
+    true_emb = tf.math.l2_normalize(_float32(true_emb), axis=-1, epsilon=1e-10)
+    pred_emb = tf.math.l2_normalize(_float32(pred_emb), axis=-1, epsilon=1e-10)
+    return tf.reduce_sum(tf.square(true_emb - pred_emb), axis=-1)
+
+
+distiller_loss_cosine.head_type = "distill"
+distiller_loss_euclidean.head_type = "distill"
+
+
+@_register
+class DistillKLDivergenceLoss(keras.losses.Loss):
+    """Logit distillation (Hinton et al. 2015): ``KL(softmax(t / T) || softmax(s / T))`` per sample, with teacher
+    logits as ``y_true`` and student logits as ``y_pred``; no ``T^2`` factor (as the seeds)."""
+
+    head_type = "distill"
+
+    def __init__(self, temperature=10.0, **kwargs):
+        super().__init__(**kwargs)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def call(self, y_true, y_pred):
+        teacher_log = tf.nn.log_softmax(_float32(y_true) / self.temperature, axis=-1)
+        student_log = tf.nn.log_softmax(_float32(y_pred) / self.temperature, axis=-1)
+        return tf.reduce_sum(tf.exp(teacher_log) * (teacher_log - student_log), axis=-1)
+
+    def get_config(self):
+        config = super().get_config()
+        config["temperature"] = self.temperature
+        return config

@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""Dataset preparation: MXNet RecordIO <-> class folders (pure Python), old-format ``.bin`` re-encoding,
+verification ``.bin`` from a class folder, and the synthetic demo dataset.
+
+RecordIO layout (SPEC §2, dmlc-core): each record is ``uint32 magic 0xced7230a``, ``uint32 lrec``
+(``cflag = lrec >> 29``, ``length = lrec & (2**29 - 1)``) and ``length`` payload bytes padded to 4. The dmlc
+writer splits a payload at every 4-byte-aligned occurrence of the magic word (cflag 1 = first, 2 = middle,
+3 = last part) and drops that word, so joining the parts puts the magic word back between them. A payload is
+a ``'<IfQQ'`` header (flag, label, id, id2), ``flag`` float32 labels when ``flag > 0``, then the image bytes.
+"""
+
+import argparse
+import os
+import struct
+import sys
+import warnings
+from collections import namedtuple
+
+import numpy as np
+
+from utils import atomic_write, save_bytes
+
+RECORDIO_MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
+LENGTH_MASK = (1 << 29) - 1
+IR_FORMAT = "<IfQQ"
+IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
+
+IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
+
+
+class RecordIOError(ValueError):
+    """A RecordIO file is malformed or truncated; the message names the file, record key and byte offset."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Record payloads: the '<IfQQ' image-record header.
+# ---------------------------------------------------------------------------------------------------------
+def pack_record(label, image_bytes, record_id=0, id2=0):
+    """Build a record payload: header, then float32 labels if ``label`` is a sequence (multi-label), then image."""
+    if np.ndim(label) == 0:
+        return struct.pack(IR_FORMAT, 0, float(label), record_id, id2) + bytes(image_bytes)
+    labels = np.asarray(label, dtype=np.float32).reshape(-1)
+    return struct.pack(IR_FORMAT, labels.size, 0.0, record_id, id2) + labels.tobytes() + bytes(image_bytes)
+
+
+def unpack_record(payload):
+    """Split a payload into ``(IRHeader, image_bytes)``; a multi-label header's ``label`` is a float32 array."""
+    if len(payload) < IR_SIZE:
+        raise RecordIOError(f"record payload of {len(payload)} bytes is shorter than the {IR_SIZE}-byte header")
+    header = IRHeader(*struct.unpack(IR_FORMAT, payload[:IR_SIZE]))
+    body = payload[IR_SIZE:]
+    if header.flag > 0:
+        if len(body) < 4 * header.flag:
+            raise RecordIOError(f"record payload announces {header.flag} labels but holds only {len(body)} bytes")
+        header = header._replace(label=np.frombuffer(body, np.float32, header.flag).copy())
+        body = body[4 * header.flag :]
+    return header, body
+
+
+def record_class(header):
+    """Class id of an image record: the scalar label, or the first label of a multi-label header."""
+    return int(header.label if np.ndim(header.label) == 0 else header.label[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RecordIO framing: reader and writer.
+# ---------------------------------------------------------------------------------------------------------
+def frame_record(payload):
+    """Frame ``payload`` as dmlc does: split at each 4-byte-aligned magic word into cflag 1/2/3 parts, pad to 4."""
+    payload = bytes(payload)
+    if len(payload) > LENGTH_MASK:
+        raise ValueError(f"RecordIO records must be smaller than 2**29 bytes, got {len(payload)}")
+    cuts = [pos for pos in range(0, len(payload) - 3, 4) if payload[pos : pos + 4] == MAGIC_BYTES]
+    starts, ends = [0] + [pos + 4 for pos in cuts], cuts + [len(payload)]
+    frames = []
+    for index, (start, end) in enumerate(zip(starts, ends)):
+        if len(starts) == 1:
+            cflag = 0
+        else:
+            cflag = 1 if index == 0 else (3 if index == len(starts) - 1 else 2)
+        part = payload[start:end]
+        frames.append(struct.pack("<II", RECORDIO_MAGIC, (cflag << 29) | len(part)) + part + b"\0" * (-len(part) % 4))
+    return b"".join(frames)
+
+
+def write_recordio(rec_path, idx_path, records):
+    """Write ``(key, payload)`` pairs to ``rec_path`` and the ``key\\toffset`` index to ``idx_path``, atomically."""
+    with atomic_write(rec_path) as tmp_rec, atomic_write(idx_path) as tmp_idx:
+        with open(tmp_rec, "wb") as rec_file, open(tmp_idx, "w") as idx_file:
+            for key, payload in records:
+                idx_file.write(f"{int(key)}\t{rec_file.tell()}\n")
+                rec_file.write(frame_record(payload))
+    return rec_path, idx_path
+
+
+def read_idx(idx_path):
+    """Parse a ``.idx`` file into ``{key: offset}`` (file order kept)."""
+    index = {}
+    with open(idx_path) as ff:
+        for line_no, line in enumerate(ff, start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != 2:
+                raise RecordIOError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', got {line.strip()!r}")
+            index[int(fields[0])] = int(fields[1])
+    return index
+
+
+class RecordIOReader:
+    """Random access to an indexed RecordIO file: ``reader.read(key)`` returns the joined payload bytes."""
+
+    def __init__(self, rec_path, idx_path):
+        for path in (rec_path, idx_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"RecordIO file not found: {path}")
+        self.rec_path = rec_path
+        self.index = read_idx(idx_path)
+        self.file_size = os.path.getsize(rec_path)
+        self._file = open(rec_path, "rb")  # noqa: SIM115  (closed by close() / the context manager)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._file.close()
+
+    @property
+    def keys(self):
+        return list(self.index)
+
+    def read(self, key):
+        """Payload of record ``key`` (split parts joined, padding removed)."""
+        if key not in self.index:
+            raise KeyError(f"{self.rec_path}: record {key} is not in the index")
+        return self.read_at(self.index[key], key)
+
+    def read_at(self, offset, key=None):
+        """Payload of the record starting at byte ``offset``; errors name the record and the offset."""
+        where = f"{self.rec_path}: record {key} at offset {offset}"
+        self._file.seek(offset)
+        parts = []
+        while True:
+            frame_start = self._file.tell()
+            head = self._file.read(8)
+            if len(head) < 8:
+                raise RecordIOError(
+                    f"{where}: truncated file, {len(head)} of 8 header bytes at offset {frame_start} (file size {self.file_size})"
+                )
+            magic, lrec = struct.unpack("<II", head)
+            if magic != RECORDIO_MAGIC:
+                raise RecordIOError(f"{where}: bad magic 0x{magic:08x} at offset {frame_start}, not a RecordIO record")
+            cflag, length = lrec >> 29, lrec & LENGTH_MASK
+            padded = length + (-length % 4)
+            body = self._file.read(padded)
+            if len(body) < padded:
+                raise RecordIOError(
+                    f"{where}: truncated file, record needs {padded} bytes after offset {frame_start + 8} "
+                    f"but only {len(body)} remain (file size {self.file_size})"
+                )
+            if (cflag in (0, 1)) != (not parts):
+                raise RecordIOError(f"{where}: unexpected continuation flag {cflag} at offset {frame_start}")
+            parts.append(body[:length])
+            if cflag in (0, 3):
+                return MAGIC_BYTES.join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Class folders <-> RecordIO.
+# ---------------------------------------------------------------------------------------------------------
+def _image_size(image_bytes):
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        return image.size[1], image.size[0]
+
+
+def pack_folder(folder, dest_dir, extra_labels=None):
+    """Pack ``folder/<class>/<image>`` into ``dest_dir/train.rec``, ``train.idx`` and ``property`` (insightface layout).
+
+    Record 0 holds label ``[N + 1, N + 1 + num_classes]``; images are records ``1..N`` with the class index as
+    label; records ``N + 1 ..`` hold each identity's image range ``[start, end)``. ``extra_labels`` maps
+    ``"<class>/<image>"`` to extra float labels written after the class (a multi-label header).
+    """
+    from data import scan_class_folder
+
+    image_names, image_classes, class_names = scan_class_folder(folder)
+    extra_labels = extra_labels or {}
+    first_identity = len(image_names) + 1
+
+    def records():
+        yield 0, pack_record([first_identity, first_identity + len(class_names)], b"")
+        for key, (path, label) in enumerate(zip(image_names, image_classes), start=1):
+            with open(path, "rb") as ff:
+                payload = ff.read()
+            extra = extra_labels.get(f"{class_names[label]}/{os.path.basename(path)}")
+            yield key, pack_record(label if extra is None else [label, *extra], payload, record_id=key)
+        counts = np.bincount(image_classes, minlength=len(class_names))
+        for label, (count, end) in enumerate(zip(counts, np.cumsum(counts) + 1)):
+            yield first_identity + label, pack_record([end - count, end], b"")
+
+    rec_path, idx_path = os.path.join(dest_dir, "train.rec"), os.path.join(dest_dir, "train.idx")
+    write_recordio(rec_path, idx_path, records())
+    with open(image_names[0], "rb") as ff:
+        height, width = _image_size(ff.read())
+    property_path = os.path.join(dest_dir, "property")
+    save_bytes(property_path, f"{len(class_names)},{height},{width}\n".encode())
+    return {
+        "rec": rec_path,
+        "idx": idx_path,
+        "property": property_path,
+        "images": len(image_names),
+        "classes": len(class_names),
+    }
+
+
+def _existing_outputs(dest_dir):
+    """``{record key: path}`` of images already extracted to ``dest_dir/<label>/<key>.jpg``."""
+    done = {}
+    if not os.path.isdir(dest_dir):
+        return done
+    for class_entry in os.scandir(dest_dir):
+        if class_entry.is_dir():
+            for entry in os.scandir(class_entry.path):
+                stem, ext = os.path.splitext(entry.name)
+                if ext == ".jpg" and stem.isdigit():
+                    done[int(stem)] = entry.path
+    return done
+
+
+def image_keys_from_header(reader):
+    """``(image record keys, announced image count)``: ``1 .. label[0] - 1`` and ``label[0] - 1`` when record 0 is
+    an insightface header, else every indexed key and ``None``."""
+    if 0 in reader.index:
+        header, _ = unpack_record(reader.read(0))
+        if header.flag >= 2:
+            return list(range(1, int(header.label[0]))), int(header.label[0]) - 1
+    return sorted(reader.index), None
+
+
+def recordio_to_folders(data_dir, dest_dir=None, limit=0):
+    """Extract ``data_dir/train.rec`` + ``train.idx`` to ``<data_dir>_112x112_folders/<label>/<key>.jpg``.
+
+    Resumable: images already on disk are skipped and every file is written atomically. Returns a summary dict;
+    ``mismatch`` is True (with a warning) when the extracted count differs from what record 0 announces.
+    """
+    from tqdm import tqdm
+
+    data_dir = os.path.normpath(data_dir)
+    dest_dir = dest_dir or data_dir + "_112x112_folders"
+    rec_path, idx_path = os.path.join(data_dir, "train.rec"), os.path.join(data_dir, "train.idx")
+    with RecordIOReader(rec_path, idx_path) as reader:
+        keys, expected = image_keys_from_header(reader)
+        present = [key for key in keys if key in reader.index]
+        if limit > 0:
+            present = present[:limit]
+        done = _existing_outputs(dest_dir)
+        todo = [key for key in present if key not in done]
+        for key in tqdm(todo, desc="Extracting", initial=len(present) - len(todo), total=len(present)):
+            header, image = unpack_record(reader.read(key))
+            save_bytes(os.path.join(dest_dir, str(record_class(header)), f"{key}.jpg"), image)
+    present_set = set(present)
+    extracted = sum(1 for key in _existing_outputs(dest_dir) if key in present_set)
+    summary = {
+        "dest_dir": dest_dir,
+        "expected": expected,
+        "indexed": len(present),
+        "extracted": extracted,
+        "new": len(todo),
+    }
+    summary["mismatch"] = limit <= 0 and expected is not None and extracted != expected
+    if summary["mismatch"]:
+        warnings.warn(
+            f"{rec_path}: record 0 announces {expected} images but {extracted} were extracted "
+            f"({len(present)} image records in the index)",
+            stacklevel=2,
+        )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verification .bin files.
+# ---------------------------------------------------------------------------------------------------------
+def reformat_bin(path, dest_path=None):
+    """Re-encode a ``.bin`` whose images are numpy uint8 arrays to plain byte strings, into a NEW file.
+
+    The original stays untouched; the default destination is ``<stem>_reformatted.bin`` next to it. An existing
+    destination is kept (re-running skips done work).
+    """
+    from data import load_bin, write_bin
+
+    dest_path = dest_path or os.path.splitext(path)[0] + "_reformatted.bin"
+    if os.path.abspath(dest_path) == os.path.abspath(path):
+        raise ValueError(f"refusing to overwrite the original bin {path}; choose another destination")
+    if os.path.exists(dest_path):
+        return dest_path  # written atomically, so an existing file is complete
+    bins, issame = load_bin(path)
+    return write_bin(dest_path, bins, issame)
+
+
+def _sample_unique_pairs(draw, count, rng, what):
+    """Draw ``count`` distinct unordered pairs with ``draw(rng)``; fail clearly when too few distinct ones exist."""
+    pairs = set()
+    for _ in range(count * 50 + 100):
+        if len(pairs) == count:
+            break
+        aa, bb = draw(rng)
+        pairs.add((min(aa, bb), max(aa, bb)))
+    if len(pairs) < count:
+        raise ValueError(f"could only find {len(pairs)} distinct {what} pairs, {count} requested: use fewer --pairs")
+    return sorted(pairs)
+
+
+def make_bin_from_folder(folder, dest_path, num_pairs=3000, seed=0):
+    """Build a verification ``.bin`` from ``folder/<class>/<image>``: ``num_pairs // 2`` genuine (same class) and
+    the rest impostor pairs, distinct and in shuffled order; image bytes are copied from the files unchanged.
+    """
+    from data import scan_class_folder, write_bin
+
+    paths, labels, class_names = scan_class_folder(folder)
+    by_class = [np.flatnonzero(labels == label) for label in range(len(class_names))]
+    multi = [members for members in by_class if len(members) >= 2]
+    num_genuine = num_pairs // 2
+    if num_pairs < 2 or not multi or len(class_names) < 2:
+        raise ValueError(f"{folder}: need num_pairs >= 2, >= 2 classes and a class with >= 2 images")
+    rng = np.random.default_rng(seed)
+
+    def draw_genuine(rng):
+        return tuple(rng.choice(multi[rng.integers(len(multi))], 2, replace=False))
+
+    def draw_impostor(rng):
+        aa, bb = rng.choice(len(by_class), 2, replace=False)
+        return rng.choice(by_class[aa]), rng.choice(by_class[bb])
+
+    genuine = _sample_unique_pairs(draw_genuine, num_genuine, rng, "genuine")
+    impostor = _sample_unique_pairs(draw_impostor, num_pairs - num_genuine, rng, "impostor")
+    pairs = [(aa, bb, True) for aa, bb in genuine] + [(aa, bb, False) for aa, bb in impostor]
+    pairs = [pairs[ii] for ii in rng.permutation(len(pairs))]
+    cache = {}
+
+    def read(index):
+        if index not in cache:
+            with open(paths[index], "rb") as ff:
+                cache[index] = ff.read()
+        return cache[index]
+
+    bins = [read(index) for aa, bb, _ in pairs for index in (aa, bb)]
+    return write_bin(dest_path, bins, [same for _, _, same in pairs])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+def _resolve_bin(path, data_dir):
+    """``-T`` names are taken as given, or relative to ``-D`` as in the seeds' usage."""
+    if not os.path.exists(path) and data_dir and os.path.exists(os.path.join(data_dir, path)):
+        return os.path.join(data_dir, path)
+    return path
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "-D", "--data_dir", help="Folder holding train.rec / train.idx to extract to <DIR>_112x112_folders"
+    )
+    parser.add_argument("--dest_dir", help="Extraction destination instead of <DIR>_112x112_folders")
+    parser.add_argument("-L", "--limit", type=int, default=0, help="Extract only the first NUM images (testing)")
+    parser.add_argument(
+        "-T",
+        "--test_bins",
+        nargs="+",
+        default=[],
+        help="Old-format .bin files to re-encode into <stem>_reformatted.bin",
+    )
+    parser.add_argument(
+        "-P", "--pack", metavar="FOLDER", help="Pack a class folder into -o DIR/train.rec, train.idx, property"
+    )
+    parser.add_argument(
+        "-B", "--bin_from_folder", metavar="FOLDER", help="Build a verification .bin (-o OUT.bin) from a class folder"
+    )
+    parser.add_argument("-o", "--output", help="Output of -P (a folder) or -B (a .bin file)")
+    parser.add_argument("--pairs", type=int, default=3000, help="Number of pairs for -B (half genuine, half impostor)")
+    parser.add_argument("--demo", metavar="DIR", help="Generate the synthetic demo dataset into DIR")
+    parser.add_argument("--classes", type=int, default=100, help="Demo: number of training identities")
+    parser.add_argument("--images", type=int, default=30, help="Demo: images per identity")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed for --demo and -B")
+    args = parser.parse_args(argv)
+    if not (args.data_dir or args.test_bins or args.pack or args.bin_from_folder or args.demo):
+        parser.error("nothing to do: give -D, -T, -P, -B or --demo")
+    if (args.pack or args.bin_from_folder) and not args.output:
+        parser.error("-P and -B need -o")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    status = 0
+    if args.demo:
+        import demo_data
+
+        print(
+            ">>>> Demo:",
+            demo_data.make_demo_dataset(
+                args.demo, num_classes=args.classes, images_per_class=args.images, seed=args.seed
+            ),
+        )
+    if args.data_dir and os.path.exists(os.path.join(args.data_dir, "train.rec")):
+        summary = recordio_to_folders(args.data_dir, args.dest_dir, args.limit)
+        print(">>>> Extracted:", summary)
+        status = 1 if summary["mismatch"] else 0
+    elif args.data_dir and not args.test_bins:
+        print(f"no train.rec in {args.data_dir}", file=sys.stderr)
+        status = 2
+    for path in args.test_bins:
+        print(">>>> Reformatted:", reformat_bin(_resolve_bin(path, args.data_dir)))
+    if args.pack:
+        print(">>>> Packed:", pack_folder(args.pack, args.output))
+    if args.bin_from_folder:
+        print(">>>> Bin:", make_bin_from_folder(args.bin_from_folder, args.output, args.pairs, args.seed))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Shared fixtures: small generated demo datasets (built once per session) and quiet TensorFlow logs."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_small(tmp_path_factory):
+    """12 training identities x 10 images and a 200-pair bin of 20 unseen identities, 32x32 pixels."""
+    import demo_data
+
+    root = tmp_path_factory.mktemp("demo_small")
+    return demo_data.make_demo_dataset(
+        str(root), num_classes=12, images_per_class=10, num_eval_classes=20, eval_images_per_class=4, num_pairs=200,
+        image_size=32, seed=1,
+    )

@@ -1,0 +1,177 @@
+"""data.py: folder indexing, the tf.data pipeline, the .bin format and bad-input errors."""
+
+import io
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+
+
+def _write_folder(root, class_sizes, size=24):
+    rng = np.random.default_rng(0)
+    for name, count in class_sizes.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for ii in range(count):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(os.path.join(root, name, f"{ii}.png"))
+    return root
+
+
+def test_numeric_class_names_sort_numerically(tmp_path):
+    root = _write_folder(str(tmp_path / "ds"), {"10": 1, "2": 2, "1": 1})
+    names, classes, class_names = data.scan_class_folder(root)
+    assert class_names == ["1", "2", "10"]
+    assert [os.path.basename(os.path.dirname(nn)) for nn in names] == ["1", "2", "2", "10"]
+    assert classes.tolist() == [0, 1, 1, 2]
+
+
+def test_non_numeric_class_names_sort_lexicographically_and_empty_skipped(tmp_path, caplog):
+    root = _write_folder(str(tmp_path / "ds"), {"bob": 1, "Alice": 1, "carl": 0, "10": 1})
+    names, classes, class_names = data.scan_class_folder(root)
+    assert class_names == ["10", "Alice", "bob"]
+    assert classes.tolist() == [0, 1, 2]
+    assert "empty class folder" in caplog.text
+
+
+def test_missing_folder_and_no_images_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        data.pre_process_folder(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty" / "0")
+    with pytest.raises(ValueError, match="no images"):
+        data.pre_process_folder(str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_cache_invalidated_when_folder_changes(tmp_path):
+    root = _write_folder(str(tmp_path / "ds"), {"0": 2, "1": 2})
+    cache = str(tmp_path / "cache")
+    first = data.pre_process_folder(root, cache_dir=cache)
+    assert os.path.exists(os.path.join(cache, "ds_shuffle.npz"))
+    assert len(first["image_names"]) == 4
+    _write_folder(root, {"2": 3})
+    second = data.pre_process_folder(root, cache_dir=cache)
+    assert len(second["image_names"]) == 7 and second["image_classes"].max() == 2
+    assert not [ff for ff in os.listdir(cache) if ff.endswith(".tmp.npz")]
+
+
+def test_verify_images_drops_corrupt_files(tmp_path, caplog):
+    root = _write_folder(str(tmp_path / "ds"), {"0": 3, "1": 2})
+    with open(os.path.join(root, "1", "broken.jpg"), "wb") as ff:
+        ff.write(b"\xff\xd8\xff not a jpeg")
+    found = data.pre_process_folder(root, cache_dir=str(tmp_path / "cache"), verify_images=True)
+    assert len(found["image_names"]) == 5
+    assert "unreadable" in caplog.text
+
+
+def test_corrupt_image_does_not_kill_the_epoch(tmp_path):
+    root = _write_folder(str(tmp_path / "ds"), {"0": 4, "1": 4})
+    with open(os.path.join(root, "1", "broken.jpg"), "wb") as ff:
+        ff.write(b"garbage")
+    ds = data.prepare_dataset(root, batch_size=4, img_shape=(24, 24), random_status=-1, cache_dir=str(tmp_path / "c"))
+    batches = [batch for _, batch in zip(range(6), ds.dataset)]  # several passes over 9 files incl. the broken one
+    assert all(images.shape == (4, 24, 24, 3) for images, _ in batches)
+
+
+@pytest.mark.parametrize("random_status", [-1, 0, 1, 2, 3, 100])
+def test_pipeline_shapes_range_and_labels(demo_small, tmp_path, random_status):
+    ds = data.prepare_dataset(
+        demo_small["train_dir"], batch_size=8, img_shape=(32, 32), random_status=random_status, random_crop=(28, 28, 3),
+        cache_dir=str(tmp_path),
+    )
+    assert ds.classes == 12 and ds.num_images == 120 and ds.steps_per_epoch == 15
+    images, targets = next(iter(ds.dataset))
+    assert images.shape == (8, 32, 32, 3) and images.dtype.name == "float32"
+    assert targets["label"].shape == (8,) and targets["label"].dtype.name == "int32"
+    values = images.numpy()
+    assert values.min() >= (0 - 127.5) * 0.0078125 - 1e-6 and values.max() <= (255 - 127.5) * 0.0078125 + 1e-6
+
+
+def test_labels_match_class_folders_without_augmentation(demo_small, tmp_path):
+    """With random_status -1 every image equals its file, normalized, and carries its folder's label.
+
+    TF and PIL JPEG decoders differ by a few levels, so "equal" is a mean absolute difference under 2 levels.
+    """
+    ds = data.prepare_dataset(demo_small["train_dir"], batch_size=4, img_shape=(32, 32), random_status=-1, cache_dir=str(tmp_path))
+    listing = data.pre_process_folder(demo_small["train_dir"], cache_dir=str(tmp_path))
+    by_label = {}
+    for name, label in zip(listing["image_names"], listing["image_classes"]):
+        by_label.setdefault(int(label), []).append((np.asarray(Image.open(name).convert("RGB"), np.float32) - 127.5) * 0.0078125)
+    images, targets = next(iter(ds.dataset))
+    for image, label in zip(images.numpy(), targets["label"].numpy()):
+        assert min(np.abs(image - ref).mean() for ref in by_label[int(label)]) < 2 * 0.0078125
+
+
+def test_triplet_batches_are_p_by_k(demo_small, tmp_path):
+    ds = data.prepare_dataset(demo_small["train_dir"], batch_size=10, img_shape=(32, 32), image_per_class=4, cache_dir=str(tmp_path))
+    _, targets = next(iter(ds.dataset))
+    labels = targets["label"].numpy()
+    assert len(labels) == 8  # batch rounded down to a multiple of K
+    groups = labels.reshape(2, 4)
+    assert (groups == groups[:, :1]).all() and groups[0, 0] != groups[1, 0]
+
+
+def test_mixup_keeps_sparse_labels(demo_small, tmp_path):
+    ds = data.prepare_dataset(demo_small["train_dir"], batch_size=8, img_shape=(32, 32), mixup_alpha=0.4, cache_dir=str(tmp_path))
+    _, targets = next(iter(ds.dataset))
+    assert targets["label_b"].shape == (8,) and targets["mix"].shape == (8,)
+    mix = targets["mix"].numpy()
+    assert ((mix >= 0) & (mix <= 1)).all()
+
+
+def test_npz_image_list_input(demo_small, tmp_path):
+    listing = data.pre_process_folder(demo_small["train_dir"], cache_dir=str(tmp_path))
+    npz = str(tmp_path / "list.npz")
+    np.savez(npz, image_names=listing["image_names"][:40], image_classes=listing["image_classes"][:40])
+    ds = data.prepare_dataset(npz, batch_size=8, img_shape=(32, 32))
+    assert ds.num_images == 40 and ds.classes == 4
+
+
+# ------------------------------------------------------------------------------------------------ .bin files
+def test_bin_round_trip(demo_small):
+    bins, issame = data.load_bin(demo_small["bin_path"])
+    assert len(bins) == 400 and issame.dtype == bool and issame.sum() == 100
+    assert all(isinstance(bb, bytes) for bb in bins)
+    assert Image.open(io.BytesIO(bins[0])).size == (32, 32)
+
+
+def test_bin_with_numpy_array_images_is_read(tmp_path, demo_small):
+    bins, issame = data.load_bin(demo_small["bin_path"])
+    old_style = str(tmp_path / "old.bin")
+    with open(old_style, "wb") as ff:
+        pickle.dump(([np.frombuffer(bb, dtype=np.uint8) for bb in bins[:4]], [True, False]), ff, protocol=2)
+    loaded, same = data.load_bin(old_style)
+    assert loaded == bins[:4] and same.tolist() == [True, False]
+
+
+def test_malformed_bins_give_clear_errors(tmp_path):
+    path = str(tmp_path / "bad.bin")
+    with open(path, "wb") as ff:
+        ff.write(b"not a pickle at all")
+    with pytest.raises(ValueError, match="not a valid verification bin"):
+        data.load_bin(path)
+    with open(path, "wb") as ff:
+        pickle.dump(([b"a", b"b", b"c"], [True]), ff)
+    with pytest.raises(ValueError, match="3 images for 1 pairs"):
+        data.load_bin(path)
+    with open(path, "wb") as ff:
+        pickle.dump(([b"a", b"b"], [True], "extra"), ff)
+    with pytest.raises(ValueError, match="pair"):
+        data.load_bin(path)
+    with pytest.raises(FileNotFoundError):
+        data.load_bin(str(tmp_path / "missing.bin"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/nonexistent",))
+
+
+def test_bin_loader_refuses_code(tmp_path):
+    path = str(tmp_path / "evil.bin")
+    with open(path, "wb") as ff:
+        pickle.dump(([_Evil(), b"x"], [True]), ff)
+    with pytest.raises(ValueError, match="refusing to load 'shutil.rmtree'"):
+        data.load_bin(path)

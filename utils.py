@@ -1,0 +1,54 @@
+"""Small helpers shared by every module: atomic file writes and JSON persistence.
+
+Every checkpoint, history, cache and converted file goes through ``atomic_write`` so that a kill at any
+moment leaves either the old file or the new one, never a half-written one.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_write(path, suffix=None):
+    """Yield a temporary path next to ``path``; on success rename it over ``path``, on error delete it.
+
+    ``suffix`` keeps the extension of the temporary name (Keras and numpy pick formats by extension).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1] if suffix is None else suffix
+    fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=folder)
+    os.close(fd)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the final file the usual permissions
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def save_json(path, obj, **kwargs):
+    """Write ``obj`` as JSON atomically."""
+    with atomic_write(path) as tmp_path, open(tmp_path, "w") as ff:
+        json.dump(obj, ff, **kwargs)
+
+
+def save_bytes(path, payload):
+    """Write ``payload`` bytes atomically."""
+    with atomic_write(path) as tmp_path, open(tmp_path, "wb") as ff:
+        ff.write(payload)
+
+
+def load_json(path, default=None):
+    """Read JSON from ``path``, or return ``default`` if the file does not exist."""
+    if not os.path.exists(path):
+        return default
+    with open(path) as ff:
+        return json.load(ff)
