@@ -9,6 +9,7 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import data
 from utils import atomic_write
@@ -29,9 +30,7 @@ def l2_normalize(embeddings, axis=-1):
     """L2-normalize rows (zero rows stay zero)."""
     embeddings = np.asarray(embeddings)
     norm = np.linalg.norm(embeddings, axis=axis, keepdims=True)
-    return embeddings / np.maximum(
-        norm, np.finfo(embeddings.dtype if embeddings.dtype.kind == "f" else np.float64).tiny
-    )
+    return embeddings / np.where(norm == 0, 1, norm)
 
 
 def _check_pairs(embeddings, issame):
@@ -137,7 +136,7 @@ def kfold_val_far(dist, issame, far_target=VAL_FAR_TARGET, num_folds=10, thresho
     issame = np.asarray(issame, dtype=bool).reshape(-1)
     folds = _kfold_slices(dist.shape[0], num_folds)
     val, far = np.zeros(num_folds), np.zeros(num_folds)
-    for fold_idx, ((_, _, _, _), train) in enumerate(_fold_counts(dist, issame, folds, thresholds)):
+    for fold_idx, (_, train) in enumerate(_fold_counts(dist, issame, folds, thresholds)):
         far_train = train[1] / float(train[3]) if train[3] else np.zeros(thresholds.shape[0])
         threshold = _interpolate_threshold(far_train, thresholds, far_target)
         fold_dist, fold_same = dist[folds[fold_idx]], issame[folds[fold_idx]]
@@ -155,7 +154,7 @@ def verification_metrics(embeddings, issame, num_folds=10):
     """
     embeddings, issame = _check_pairs(embeddings, issame)
     embeddings = l2_normalize(embeddings)
-    scores = np.sum(embeddings[0::2] * embeddings[1::2], axis=1)
+    scores = np.einsum("ij,ij->i", embeddings[0::2], embeddings[1::2])
     accuracy, thresh = best_threshold_accuracy(scores, issame)
     dist = squared_l2_distances(embeddings)
     fold_acc = kfold_accuracy(dist, issame, num_folds)
@@ -174,13 +173,6 @@ def verification_metrics(embeddings, issame, num_folds=10):
 # ---------------------------------------------------------------------------------------------------------
 # Embedding a .bin and the Keras callback.
 # ---------------------------------------------------------------------------------------------------------
-def _tf():
-    """TensorFlow, imported lazily so that the metrics stay usable without loading it."""
-    import tensorflow as tf
-
-    return tf
-
-
 def model_image_size(model):
     """Static (height, width) of a single-input image model, or None when it accepts any size."""
     shape = model.input_shape
@@ -191,7 +183,6 @@ def model_image_size(model):
 
 def decode_image_size(encoded, name="image"):
     """(height, width) of one encoded image; a ValueError with ``name`` when it cannot be decoded."""
-    tf = _tf()
     try:
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
@@ -199,20 +190,18 @@ def decode_image_size(encoded, name="image"):
     return int(image.shape[0]), int(image.shape[1])
 
 
-def images_dataset(encoded_images, image_size, batch_size=128, image_scale=data.SEEDS_SCALE, resize=False):
+def images_dataset(encoded_images, image_size, batch_size=128, image_scale=data.SEEDS_SCALE):
     """``tf.data`` of normalized float32 batches decoded in parallel from a list of encoded images.
 
-    ``image_size`` is the (height, width) every image has (``resize=False``) or is resized to (bilinear).
+    Images of another size than ``image_size`` = (height, width) are resized to it (bilinear).
     """
-    tf = _tf()
     height, width = image_size
 
     def decode(encoded):
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        if resize:
-            image = tf.image.resize(image, (height, width))
-        image = tf.ensure_shape(tf.cast(image, "float32"), (height, width, 3))
-        return data.normalize_image(image, image_scale)
+        image = tf.cast(tf.io.decode_image(encoded, channels=3, expand_animations=False), "float32")
+        same_size = tf.reduce_all(tf.shape(image)[:2] == (height, width))
+        image = tf.cond(same_size, lambda: image, lambda: tf.image.resize(image, (height, width)))
+        return data.normalize_image(tf.ensure_shape(image, (height, width, 3)), image_scale)
 
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded_images), dtype=tf.string))
     dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
@@ -225,7 +214,6 @@ def make_embedding_function(basic_model, flip=True, input_spec=None):
     A plain model call (not ``model.predict``), so it also runs from the cross-replica context of a
     distribution strategy. ``input_spec`` (a ``tf.TensorSpec`` with a None batch size) avoids retracing.
     """
-    tf = _tf()
     signature = None if input_spec is None else [input_spec]
 
     @tf.function(input_signature=signature, reduce_retracing=True)
@@ -273,12 +261,12 @@ class eval_callback(keras.callbacks.Callback):  # noqa: N801 (the seeds' public 
         bins, issame = data.load_bin(test_bin_file)
         if len(issame) == 0:
             raise ValueError(f"{test_bin_file}: no pairs in verification bin")
-        first_size = decode_image_size(bins[0], f"{test_bin_file} image 0")
+        first_size = decode_image_size(bins[0], f"{test_bin_file} image 0")  # fails early on undecodable bins
         target_size = model_image_size(basic_model) or first_size
         self.basic_model, self.test_issame, self.test_names = basic_model, issame, _bin_name(test_bin_file)
         self.batch_size, self.save_model, self.eval_freq, self.flip = batch_size, save_model, eval_freq, flip
         self.PCA_acc, self.image_scale = PCA_acc, image_scale
-        self.dataset = images_dataset(bins, target_size, batch_size, image_scale, resize=first_size != target_size)
+        self.dataset = images_dataset(bins, target_size, batch_size, image_scale)
         self.max_accuracy, self.cur_acc, self.acc_thresh, self.metrics = 0.0, 0.0, 0.0, {}
         self.cur_epoch, self._embed_fn, self._saved_path = 0, None, None
 
@@ -450,7 +438,9 @@ def parse_arguments(argv=None):
     parser.add_argument("-m", "--model", required=True, help="saved basic model, .keras or .h5")
     parser.add_argument("-t", "--test_bin_files", nargs="+", required=True, help="verification .bin files")
     parser.add_argument("-b", "--batch_size", type=int, default=128, help="evaluation batch size")
-    parser.add_argument("--no-flip", dest="flip", action="store_false", help="disable flip test-time augmentation")
+    parser.add_argument(
+        "--no-flip", dest="flip", action="store_false", help="disable the flip test-time augmentation (on by default)"
+    )
     parser.add_argument(
         "--scale", type=float, default=128.0, choices=(128.0, 127.5), help="input normalization (x - 127.5) / scale"
     )

@@ -20,6 +20,7 @@ import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import data
 from utils import atomic_write
@@ -27,7 +28,7 @@ from utils import atomic_write
 FORMATS = ("tflite", "saved_model", "onnx")
 QUANTIZATIONS = ("float16", "dynamic", "int8", "uint8")
 INTEGER_QUANTIZATIONS = ("int8", "uint8")
-FORMAT_EXTENSIONS = {"tflite": ".tflite", "saved_model": "", "onnx": ".onnx"}
+DEST_SUFFIXES = {"tflite": ".tflite", "saved_model": "_saved_model", "onnx": ".onnx"}
 INPUT_NAME = "image"
 
 
@@ -82,7 +83,7 @@ def build_deploy_model(model, include_preprocessing=False, l2_normalize=False, d
     nn = NormalizeImage(name="normalize_image")(inputs) if include_preprocessing else inputs
     if dynamic_input_size:
         nn = ResizeImage(height, width, name="resize")(nn)
-    nn = model(nn)
+    nn = model(nn, training=False)  # recorded in the graph: inference mode even if a layer defaults to training
     if l2_normalize:
         nn = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(nn)
     return keras.Model(inputs, nn, name=f"{model.name}_deploy")
@@ -226,8 +227,6 @@ def _representative_dataset(images, include_preprocessing):
 
 def _configure_quantization(converter, quant, representative_images, include_preprocessing):
     """Set the TFLite converter options for ``quant`` (None, float16, dynamic, int8, uint8)."""
-    import tensorflow as tf
-
     if quant is None:
         return
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -241,8 +240,6 @@ def _configure_quantization(converter, quant, representative_images, include_pre
 
 def _write_tflite(deploy_model, dest, quant, representative_images, include_preprocessing):
     """SavedModel in a temporary folder -> ``TFLiteConverter.from_saved_model`` -> ``dest`` (atomically)."""
-    import tensorflow as tf
-
     with tempfile.TemporaryDirectory() as saved_model_dir:
         deploy_model.export(saved_model_dir, format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
@@ -268,10 +265,6 @@ class _LogCollector(logging.Handler):
 
 def _write_onnx(deploy_model, dest):
     """Keras 3 ``model.export(format="onnx")`` (tf2onnx underneath) to ``dest``; unsupported ops raise."""
-    import tensorflow as tf
-
-    if importlib.util.find_spec("tf2onnx") is None:
-        raise ImportError("ONNX export needs tf2onnx and onnx: pip install tf2onnx onnx (or .[onnx])")
     collector = _LogCollector()
     tf2onnx_logger = logging.getLogger("tf2onnx")
     tf2onnx_logger.addHandler(collector)
@@ -279,10 +272,8 @@ def _write_onnx(deploy_model, dest):
         with atomic_write(dest) as tmp_path:
             spec = tf.TensorSpec(deploy_model.inputs[0].shape, deploy_model.inputs[0].dtype, name=INPUT_NAME)
             deploy_model.export(tmp_path, format="onnx", verbose=False, input_signature=[spec])
-            found = [
-                re.findall(r"Tensorflow op \[([^:\]]+): (\w+)\] is not supported", msg) for msg in collector.messages
-            ]
-            found = [pair for pairs in found for pair in pairs]
+            pattern = r"Tensorflow op \[([^:\]]+): (\w+)\] is not supported"
+            found = [pair for message in collector.messages for pair in re.findall(pattern, message)]
             if found:
                 ops = [op for _, op in found]
                 raise ExportError(_unsupported_ops_message(deploy_model, "ONNX", ops, [path for path, _ in found]))
@@ -304,15 +295,18 @@ def _check_options(format, quant, representative_data):
         if quant not in INTEGER_QUANTIZATIONS:
             raise ValueError(f"representative_data is only used with quant in {INTEGER_QUANTIZATIONS}, got {quant!r}")
         check_representative_data(representative_data)
+    if format == "onnx" and importlib.util.find_spec("tf2onnx") is None:
+        raise ImportError("ONNX export needs tf2onnx and onnx: pip install tf2onnx onnx (or pip install .[onnx])")
 
 
-def default_dest(model_path, format="tflite", quant=None, include_preprocessing=False, l2_normalize=False,
-                 dynamic_input_size=False):  # fmt: skip
+def default_dest(
+    model_path, format="tflite", quant=None, include_preprocessing=False, l2_normalize=False, dynamic_input_size=False
+):
     """``<model stem>[_quant][_pre][_l2][_dynamic].<ext>`` next to the model file."""
     stem = os.path.splitext(os.fspath(model_path))[0]
     flags = [quant, include_preprocessing and "pre", l2_normalize and "l2", dynamic_input_size and "dynamic"]
     suffix = "".join(f"_{flag}" for flag in flags if flag)
-    return stem + suffix + (FORMAT_EXTENSIONS[format] or "_saved_model")
+    return stem + suffix + DEST_SUFFIXES[format]
 
 
 def export_model(
@@ -362,8 +356,6 @@ def export_model(
 # ---------------------------------------------------------------------------------------------------------
 def tflite_interpreter(model_path, num_threads=1, use_xnnpack=True):
     """A ``tf.lite.Interpreter`` for ``model_path``; ``use_xnnpack=False`` disables the default XNNPACK delegate."""
-    import tensorflow as tf
-
     resolver = tf.lite.experimental.OpResolverType
     op_resolver = resolver.AUTO if use_xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with warnings.catch_warnings():  # "tf.lite.Interpreter is deprecated": still the interpreter shipped with TF

@@ -202,13 +202,7 @@ class NormDense(keras.layers.Layer):
         inputs = keras.ops.cast(inputs, "float32")
         norm_inputs = _l2_normalize(inputs, axis=1)
         norm_kernel = _l2_normalize(self.kernel, axis=0)
-        output = keras.ops.matmul(norm_inputs, norm_kernel)
-        if self.loss_top_k > 1:
-            output = keras.ops.max(keras.ops.reshape(output, (-1, self.units, self.loss_top_k)), axis=2)
-        if self.append_norm:
-            norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(inputs), axis=1, keepdims=True))
-            output = keras.ops.concatenate([output, -norm], axis=-1)
-        return output
+        return _class_cosines(self, inputs, keras.ops.matmul(norm_inputs, norm_kernel))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.units + int(self.append_norm))
@@ -224,6 +218,20 @@ class NormDense(keras.layers.Layer):
             }
         )
         return config
+
+
+def _class_cosines(layer, inputs, center_cosines):
+    """Per-class output of a cosine head from the cosines to each (sub-)center column (class-major, K per class):
+    the max over a class's ``loss_top_k`` sub-centers, then the ``-||x||`` column when ``append_norm``."""
+    if layer.loss_top_k > 1:
+        center_cosines = keras.ops.max(
+            keras.ops.reshape(center_cosines, (-1, center_cosines.shape[-1] // layer.loss_top_k, layer.loss_top_k)),
+            axis=2,
+        )
+    if layer.append_norm:
+        norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(inputs), axis=1, keepdims=True))
+        center_cosines = keras.ops.concatenate([center_cosines, -norm], axis=-1)
+    return center_cosines
 
 
 def _l2_normalize(tensor, axis):
@@ -757,8 +765,11 @@ class _TripletLoss(keras.losses.Loss):
         self.alpha = float(alpha)
 
     def call(self, y_true, y_pred):
-        embeddings = tf.math.l2_normalize(_float32(y_pred), axis=-1, epsilon=1e-10)
-        return self.loss_fn(_sparse_labels(y_true), self.distance_fn(embeddings), self.alpha)
+        """Under ``tf.distribute`` triplets are mined over the global batch (all-gathered, gradients flow back),
+        so the loss equals the one-device loss of the same global batch."""
+        labels, embeddings = _global_batch(_sparse_labels(y_true), _float32(y_pred))
+        embeddings = tf.math.l2_normalize(embeddings, axis=-1, epsilon=1e-10)
+        return self.loss_fn(labels, self.distance_fn(embeddings), self.alpha)
 
     def get_config(self):
         config = super().get_config()
@@ -856,4 +867,106 @@ class DistillKLDivergenceLoss(keras.losses.Loss):
     def get_config(self):
         config = super().get_config()
         config["temperature"] = self.temperature
+        return config
+
+
+# ---------------------------------------------------------------------------------------------- partial FC
+def partial_fc_num_sampled(num_classes, sample_rate, global_batch=None):
+    """How many classes Partial FC samples: ``ceil(sample_rate * num_classes)``, raised to the global batch size
+    when that is larger (every positive must fit), never more than ``num_classes``."""
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"partial FC sample_rate must be in (0, 1], got {sample_rate}")
+    num_sampled = math.ceil(sample_rate * num_classes)
+    return min(int(num_classes), max(num_sampled, int(global_batch or 0)))
+
+
+def partial_fc_sample(labels, num_classes, sample_rate, step, seed=0):
+    """Sample the Partial FC classes of one step: ``(sampled, remapped)``.
+
+    ``sampled`` (sorted int32 ``(S,)``) holds every class of the GLOBAL batch (labels are all-gathered over the
+    replicas) plus random negatives, ``S = partial_fc_num_sampled(...)``; ``remapped`` are this replica's labels
+    as indices into ``sampled``. The negatives come from stateless random numbers seeded by ``(seed, step)``, so
+    every replica picks the same subset in a step (mirrored centers stay identical) and a rerun picks it again.
+    """
+    local = _checked_labels(tf.reshape(tf.cast(labels, tf.int32), [-1]), num_classes)
+    global_labels = _global_batch(local)
+    num_sampled = partial_fc_num_sampled(num_classes, sample_rate, global_labels.shape[0])
+    if num_sampled >= num_classes:
+        return tf.range(num_classes, dtype=tf.int32), local
+    seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
+    scores = tf.random.stateless_uniform([num_classes], seed=seeds)  # in [0, 1): positives (2.0) always win top_k
+    scores = tf.tensor_scatter_nd_update(scores, global_labels[:, None], tf.fill(tf.shape(global_labels), 2.0))
+    sampled = tf.sort(tf.math.top_k(scores, num_sampled, sorted=False).indices)
+    return sampled, tf.cast(tf.searchsorted(sampled, local), tf.int32)
+
+
+def _sub_center_columns(sampled, loss_top_k):
+    """Kernel columns of the sampled classes: the ``loss_top_k`` class-major sub-centers of each, in order."""
+    if loss_top_k == 1:
+        return sampled
+    return tf.reshape(sampled[:, None] * loss_top_k + tf.range(loss_top_k, dtype=sampled.dtype)[None], [-1])
+
+
+def partial_fc_logits(layer, embeddings, labels, sample_rate, step, seed=0):
+    """Partial FC (An et al. 2021) cosine logits of a ``NormDense`` head over a class sample of this step.
+
+    Returns ``(cosines (B, S[+1]), remapped labels (B,))``: feed them to any cosine loss (``ArcfaceLoss`` etc.)
+    in place of the full head output and labels. Only the sampled centers enter the matmul, so logits and their
+    gradients cost ``O(B x S)``. With a ``PartialFCNormDense`` (class-major kernel) the kernel gradient is an
+    ``IndexedSlices`` over the sampled rows; with a plain ``NormDense`` (kernel ``(emb, classes)``) it is dense.
+    ``sample_rate = 1`` (or ``S >= classes``) is exactly the full head.
+    """
+    sampled, remapped = partial_fc_sample(labels, layer.units, sample_rate, step, seed)
+    if sampled.shape[0] == layer.units:
+        return layer(embeddings), remapped
+    inputs = _float32(embeddings)
+    columns = _sub_center_columns(sampled, layer.loss_top_k)
+    if getattr(layer, "class_major", False):
+        centers = _l2_normalize(tf.gather(layer.kernel, columns), axis=1)
+        center_cosines = tf.matmul(_l2_normalize(inputs, axis=1), centers, transpose_b=True)
+    else:
+        centers = _l2_normalize(tf.gather(layer.kernel, columns, axis=1), axis=0)
+        center_cosines = tf.matmul(_l2_normalize(inputs, axis=1), centers)
+    return _class_cosines(layer, inputs, center_cosines), remapped
+
+
+@_register
+class PartialFCNormDense(NormDense):
+    """``NormDense`` for Partial FC: the kernel is stored class-major, ``(units * loss_top_k, emb)``, so gathering
+    the sampled centers gives an ``IndexedSlices`` gradient touching only those rows.
+
+    ``layer(x)`` is the full cosine head (evaluation, accuracy); ``layer.partial_call(x, labels, step)`` samples
+    ``sample_rate`` of the classes (``partial_fc_logits``). ``seed`` fixes the sampling sequence.
+    """
+
+    class_major = True
+
+    def __init__(self, units=1000, sample_rate=0.1, seed=0, **kwargs):
+        super().__init__(units, **kwargs)
+        partial_fc_num_sampled(self.units, sample_rate)  # validates the rate
+        self.sample_rate, self.seed = float(sample_rate), int(seed)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(self.units * self.loss_top_k, input_shape[-1]),
+            initializer="glorot_normal",
+            regularizer=self.kernel_regularizer,
+            trainable=True,
+        )
+
+    def call(self, inputs):
+        inputs = keras.ops.cast(inputs, "float32")
+        norm_kernel = _l2_normalize(self.kernel, axis=1)
+        return _class_cosines(
+            self, inputs, keras.ops.matmul(_l2_normalize(inputs, axis=1), keras.ops.transpose(norm_kernel))
+        )
+
+    def partial_call(self, embeddings, labels, step):
+        """``(cosines over this step's sampled classes, labels remapped to them)``; see ``partial_fc_logits``."""
+        return partial_fc_logits(self, embeddings, labels, self.sample_rate, step, self.seed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"sample_rate": self.sample_rate, "seed": self.seed})
         return config

@@ -31,12 +31,16 @@ KERAS_APPLICATION_MODELS = (
 )
 
 
-def _mobile_facenet(input_shape, use_se, name, **kwargs):
-    return mobile_facenet.mobile_facenet(input_shape=input_shape, use_se=use_se, name=name, **kwargs)
+def _mobile_facenet(use_se, input_shape, **kwargs):
+    return mobile_facenet.mobile_facenet(input_shape=input_shape, use_se=use_se, **kwargs)
 
 
 def _iresnet(depth, use_se, input_shape, **kwargs):
     return resnet.iresnet(depth, input_shape=input_shape, use_se=use_se, **kwargs)
+
+
+def _resnest(depth, input_shape, **kwargs):
+    return resnest.resnest(depth, input_shape=input_shape, **kwargs)
 
 
 def _mobilenet_v3(size, input_shape, **kwargs):
@@ -61,18 +65,14 @@ def _efficientnet(variant, input_shape, **kwargs):
     return keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=_skip_preprocessing_call)
 
 
-def _resnest(depth, input_shape, **kwargs):
-    return resnest.resnest(depth, input_shape=input_shape, **kwargs)
-
-
 def _custom_builders():
     """Map each canonical lower-case name of our own backbones to ``builder(input_shape, **kwargs)``."""
     builders = {
-        "mobilefacenet": lambda input_shape, **kw: _mobile_facenet(input_shape, False, "mobilefacenet", **kw),
-        "se_mobilefacenet": lambda input_shape, **kw: _mobile_facenet(input_shape, True, "se_mobilefacenet", **kw),
+        "mobilefacenet": functools.partial(_mobile_facenet, False),
+        "se_mobilefacenet": functools.partial(_mobile_facenet, True),
+        "ghostnet": ghostnet.ghostnet,
+        "vargfacenet": vargfacenet.vargfacenet,
     }
-    builders["ghostnet"] = lambda input_shape, **kw: ghostnet.ghostnet(input_shape=input_shape, **kw)
-    builders["vargfacenet"] = lambda input_shape, **kw: vargfacenet.vargfacenet(input_shape=input_shape, **kw)
     for depth in resnest.RESNEST_DEPTHS:
         builders[f"resnest{depth}"] = functools.partial(_resnest, depth)
     for depth in resnet.IRESNET_DEPTHS:
@@ -145,23 +145,33 @@ def _check_weights(weights):
         )
 
 
-def backbone_from_name(name, input_shape=(112, 112, 3), weights=None, **kwargs):
-    """Build the backbone (no head) called ``name`` (case-insensitive), with ``include_top=False``."""
-    _check_weights(weights)
-    name_lower = name.lower()
-    name_lower = NAME_ALIASES.get(name_lower, name_lower)
+def resolve_backbone_name(name):
+    """Return ``(canonical lower-case name, builder)`` for a backbone name (case-insensitive, aliases allowed);
+    the builder is ours (``builder(input_shape, **kwargs)``) or a ``keras.applications`` constructor."""
+    if not isinstance(name, str):
+        raise TypeError(f"backbone name must be a str, got {type(name).__name__}")
+    name_lower = NAME_ALIASES.get(name.lower(), name.lower())
     if name_lower in CUSTOM_MODELS:
-        model = CUSTOM_MODELS[name_lower](tuple(input_shape), **kwargs)
-        if weights is not None:
-            model.load_weights(weights)
-        return model
+        return name_lower, CUSTOM_MODELS[name_lower]
     applications = _keras_application_classes()
     if name_lower in applications:
-        return applications[name_lower](include_top=False, weights=weights, input_shape=tuple(input_shape), **kwargs)
+        return name_lower, applications[name_lower]
     raise ValueError(
         f"Unknown backbone {name!r}. Known names: {', '.join(buildin_model_names())}, "
         "or any keras.applications model name."
     )
+
+
+def backbone_from_name(name, input_shape=(112, 112, 3), weights=None, **kwargs):
+    """Build the backbone (no head) called ``name`` (case-insensitive), with ``include_top=False``."""
+    _check_weights(weights)
+    name_lower, builder = resolve_backbone_name(name)
+    if name_lower not in CUSTOM_MODELS:  # keras.applications
+        return builder(include_top=False, weights=weights, input_shape=tuple(input_shape), **kwargs)
+    model = builder(tuple(input_shape), **kwargs)
+    if weights is not None:
+        model.load_weights(weights)
+    return model
 
 
 def _set_batch_norm_params(model, momentum, epsilon):
@@ -273,10 +283,9 @@ def buildin_models(
 # ---------------------------------------------------------------- model surgery
 
 
-def _clone_keeping_weights(model, clone_function=None, call_function=None):
-    """Clone ``model`` (``clone_function(layer)`` -> new layer, default: same config), then copy the weights of
-    every layer whose name and weight shapes are unchanged, so surgery keeps what it does not touch."""
-    clone_function = clone_function or _clone_layer
+def _clone_keeping_weights(model, clone_function, call_function=None):
+    """Clone ``model`` (``clone_function(layer)`` -> new layer), then copy the weights of every layer whose
+    name and weight shapes are unchanged, so surgery keeps what it does not touch."""
     new_model = keras.models.clone_model(model, clone_function=clone_function, call_function=call_function)
     old_layers = {layer.name: layer for layer in _flat_layers(model)}
     for layer in _flat_layers(new_model):

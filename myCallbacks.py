@@ -173,7 +173,7 @@ class MyHistory(keras.callbacks.Callback):
         logs = dict(logs or {})
         model = getattr(self, "_model", None)
         if "lr" not in logs and model is not None and getattr(model, "optimizer", None) is not None:
-            logs["lr"] = model.optimizer.learning_rate
+            logs["lr"] = keras.ops.convert_to_numpy(model.optimizer.learning_rate)
         filled = self.completed_epochs
         for key, value in logs.items():
             value = float(np.asarray(value))
@@ -210,14 +210,14 @@ class GentlyStop(keras.callbacks.Callback):
     Polls stdin without blocking at each epoch end; does nothing when stdin is not an interactive terminal.
     """
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, require_tty=True):
         super().__init__()
         self.stream = stream if stream is not None else sys.stdin
-        self.stop_requested = False
+        self.require_tty, self.stop_requested = require_tty, False
 
     def _pending_lines(self):
         try:
-            if self.stream is None or not (self.stream.isatty() or getattr(self, "force_poll", False)):
+            if self.stream is None or (self.require_tty and not self.stream.isatty()):
                 return []
             lines = []
             while select.select([self.stream], [], [], 0)[0]:

@@ -10,7 +10,10 @@ global batch, Keras callbacks driven through ``keras.callbacks.CallbackList``.
 
 import argparse
 import os
+import re
 import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of training logs
 
 import keras
 import numpy as np
@@ -59,6 +62,19 @@ def extract_basic_model(model, layer=EMBEDDING_LAYER):
     return keras.Model(model.inputs[0], output, name=model.name + "_basic")
 
 
+def _task_id(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return getattr(resolver, "task_id", 0) or 0
+
+
+def _is_chief(strategy):
+    """True unless this process is a non-chief worker of a multi-worker strategy (worker 0 is the chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
+
+
 class Train:
     """Multi-stage face-recognition trainer; see the README for every argument and scheduler key."""
 
@@ -97,7 +113,10 @@ class Train:
     ):
         self.strategy = tf.distribute.get_strategy()
         self.num_replicas = self.strategy.num_replicas_in_sync
+        self.is_chief = _is_chief(self.strategy)
         self.save_path = _resolve_save_path(save_path)
+        if not self.is_chief:  # other workers write their (identical) files aside, so the chief's are never clobbered
+            self.save_path = os.path.join(os.path.dirname(self.save_path), f"worker_{_task_id(self.strategy)}", os.path.basename(self.save_path))
         self.stem = os.path.splitext(os.path.basename(self.save_path))[0]
         self.save_dir = os.path.dirname(self.save_path)
         os.makedirs(self.save_dir, exist_ok=True)
@@ -125,7 +144,10 @@ class Train:
         self.center_loss, self.stop_reason = None, None
         self._datasets = {}
 
-        if resume and os.path.exists(self.save_path) and os.path.exists(self.hist_path):
+        self.history = myCallbacks.MyHistory(self.hist_path)
+        self._resume_pending = resume and os.path.exists(self.save_path) and self.history.completed_epochs > 0
+        self._first_train = True
+        if self._resume_pending:
             print(f">>>> Resuming from checkpoint {self.save_path} (pass resume=False to start over)")
             basic_model, model = EMBEDDING_LAYER, self.save_path
         self._init_models(basic_model, model, compile, pretrained)
@@ -203,7 +225,7 @@ class Train:
         embedding = self.basic_model.output
         outputs = {}
         if head_type == "arcface":
-            append_norm = isinstance(loss, losses._NormAwareLoss)
+            append_norm = getattr(loss, "append_norm", False)
             outputs["arcface"] = self._head_layer(
                 "arcface",
                 lambda: losses.NormDense(
@@ -235,7 +257,7 @@ class Train:
                     lambda: keras.layers.Dense(teacher_dim, use_bias=False, dtype="float32", name="distill_emb_map_layer"),
                 )(embedding)
             outputs["distill_embedding"] = distill_out
-        return keras.Model(self.basic_model.inputs[0], outputs, name=self.stem)
+        return keras.Model(self.basic_model.inputs[0], outputs, name=re.sub(r"^[^A-Za-z0-9.]+|[^A-Za-z0-9_.-]", "", self.stem) or "model")
 
     def _make_center_loss(self, alpha=0.5):
         initial = self.centers_path if os.path.exists(self.centers_path) else None
@@ -289,6 +311,18 @@ class Train:
         classes = self.classes
         log_keys = ["loss", "regular_loss"] + [name + "_loss" for name in specs] + (["accuracy"] if self._acc_output(specs) else [])
         acc_output = self._acc_output(specs)
+        reductions = {key: "MEAN" if key == "accuracy" else "SUM" for key in log_keys}  # losses are pre-divided
+
+        def replica_loss(fn, y_true, prediction, sample_weight=None):
+            """This replica's mean loss divided by the replica count, so the sum over replicas is the global mean.
+
+            Keras ``Loss`` objects are called through ``.call`` (per-sample values) and reduced here, the same way
+            for every loss, instead of relying on each loss's own reduction and distribution scaling.
+            """
+            value = fn.call(y_true, prediction) if isinstance(fn, keras.losses.Loss) else fn(y_true, prediction)
+            if sample_weight is not None:
+                value = value * sample_weight
+            return tf.reduce_mean(value) / replicas
 
         def loss_value(spec, targets, prediction):
             y_true = targets[spec.target]
@@ -296,17 +330,17 @@ class Train:
             if _needs_one_hot(spec.fn):
                 y_true = tf.one_hot(y_true, classes)
             if mix is None or spec.target != "label":
-                return spec.fn(y_true, prediction)
+                return replica_loss(spec.fn, y_true, prediction)
             y_other = tf.one_hot(targets["label_b"], classes) if _needs_one_hot(spec.fn) else targets["label_b"]
-            return spec.fn(y_true, prediction, sample_weight=mix) + spec.fn(y_other, prediction, sample_weight=1 - mix)
+            return replica_loss(spec.fn, y_true, prediction, mix) + replica_loss(spec.fn, y_other, prediction, 1 - mix)
 
         def replica_step(images, targets):
             with tf.GradientTape() as tape:
                 outputs = model(images, training=True)
                 logs = {name + "_loss": loss_value(spec, targets, outputs[name]) for name, spec in specs.items()}
                 total = tf.add_n([specs[name].weight * logs[name + "_loss"] for name in specs])
-                regular = tf.add_n([tf.cast(ll, tf.float32) for ll in model.losses]) if model.losses else tf.constant(0.0)
-                scaled = optimizer.scale_loss((total + regular) / replicas)
+                regular = tf.add_n([tf.cast(ll, tf.float32) for ll in model.losses]) / replicas if model.losses else tf.constant(0.0)
+                scaled = optimizer.scale_loss(total + regular)
             grads = tape.gradient(scaled, trainable)
             optimizer.apply_gradients(zip(grads, trainable))
             logs["loss"], logs["regular_loss"] = total + regular, regular
@@ -324,7 +358,7 @@ class Train:
             for _ in tf.range(num_steps):
                 images, targets = next(iterator)
                 per_replica = strategy.run(replica_step, args=(images, targets))
-                sums = {key: sums[key] + strategy.reduce("MEAN", per_replica[key], axis=None) for key in log_keys}
+                sums = {key: sums[key] + strategy.reduce(reductions[key], per_replica[key], axis=None) for key in log_keys}
             return {key: value / tf.cast(num_steps, tf.float32) for key, value in sums.items()}
 
         return run_steps
@@ -338,24 +372,29 @@ class Train:
         lr_scheduler = myCallbacks.build_lr_scheduler(
             self.lr_base, self.lr_decay, self.lr_decay_steps, self.lr_min, self.lr_warmup_steps, self.steps_per_epoch
         )
-        eval_callbacks = []
-        for index, path in enumerate(self.eval_paths):
-            is_last = index == len(self.eval_paths) - 1
-            eval_callbacks.append(
-                evals.eval_callback(
-                    self.basic_model,
-                    path,
-                    batch_size=self.eval_batch_size,
-                    save_model=os.path.join(self.save_dir, self.stem) if is_last else None,
-                    eval_freq=self.eval_freq,
-                    image_scale=self.eval_image_scale,
-                )
-            )
+        eval_callbacks = self._eval_callbacks()
         checkpoint = myCallbacks.AtomicCheckpoint(self.save_path)
         center_saver = [CenterSaver(center_loss, self.centers_path)] if center_loss is not None else []
         self.nan_guard, self.gently_stop = myCallbacks.NanLossGuard(), myCallbacks.GentlyStop()
         callbacks = [lr_scheduler, self.nan_guard, *eval_callbacks, checkpoint, *center_saver, history, self.gently_stop]
         return keras.callbacks.CallbackList(callbacks, model=model, add_history=False, add_progbar=False)
+
+    def _eval_callbacks(self):
+        """One evaluator per bin, kept across stages so "previous max accuracy" and the best-model file persist."""
+        if getattr(self, "_evaluators_for", None) is not self.basic_model:
+            self._evaluators = [
+                evals.eval_callback(
+                    self.basic_model,
+                    path,
+                    batch_size=self.eval_batch_size,
+                    save_model=os.path.join(self.save_dir, self.stem) if index == len(self.eval_paths) - 1 else None,
+                    eval_freq=self.eval_freq,
+                    image_scale=self.eval_image_scale,
+                )
+                for index, path in enumerate(self.eval_paths)
+            ]
+            self._evaluators_for = self.basic_model
+        return self._evaluators
 
     def train_single_scheduler(
         self,
@@ -388,7 +427,7 @@ class Train:
             model.compile(optimizer=optimizer)
         self.model = model
         center_loss = next((spec.fn for spec in specs.values() if isinstance(spec.fn, losses.CenterLoss)), None)
-        history = history or myCallbacks.MyHistory(self.hist_path)
+        history = history or self.history
         callbacks = self._callbacks(model, history, center_loss)
         run_steps = self._make_step_fn(model, specs, optimizer)
         iterator = iter(self.strategy.experimental_distribute_dataset(train_ds.dataset))
@@ -414,7 +453,7 @@ class Train:
                 callbacks.on_train_batch_end(step - 1, logs)
                 progbar.update(step, [(key, logs[key]) for key in ("loss", "accuracy") if key in logs])
             epoch_logs = {key: value / max(seen, 1) for key, value in totals.items()}
-            epoch_logs["lr"] = float(model.optimizer.learning_rate)
+            epoch_logs["lr"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
             if self.verbose:
                 print(f"     {steps_per_epoch * self.global_batch_size / (time.time() - start):.1f} images/s")
             callbacks.on_epoch_end(epoch, epoch_logs)
@@ -424,8 +463,10 @@ class Train:
         callbacks.on_train_end()
 
     def train(self, train_schedule, initial_epoch=0):
-        """Run every stage of ``train_schedule`` (a list of dicts); resumes after the last completed epoch.
+        """Run every stage of ``train_schedule`` (a list of dicts).
 
+        After a restart (``Train`` found a checkpoint and history of ``save_path``) the first call skips the epochs
+        the previous run completed. Later calls append to the history, as the seeds did.
         ``bottleneckOnly`` stages do not advance the epoch counter. The caller's dicts are not modified.
         """
         if isinstance(train_schedule, dict):
@@ -434,11 +475,14 @@ class Train:
         for stage in schedule:
             if "loss" not in stage or "epoch" not in stage:
                 raise ValueError(f"each scheduler dict needs 'loss' and 'epoch': {stage}")
-        history = myCallbacks.MyHistory(self.hist_path)
-        done = max(history.completed_epochs - initial_epoch, 0) if self.resume else 0
-        history.truncate(initial_epoch + done)
-        if done:
+        history, done = self.history, 0
+        if self._resume_pending:  # the first call after a restart skips what the killed run completed
+            done = max(history.completed_epochs - initial_epoch, 0)
+            history.truncate(initial_epoch + done)
             print(f">>>> {done} epochs already done after initial_epoch {initial_epoch}: resuming")
+        elif self._first_train:  # a fresh run rewrites the history from initial_epoch on
+            history.truncate(initial_epoch)
+        self._resume_pending = self._first_train = False
         self.stop_reason = None
         for stage in schedule:
             epochs = int(stage.pop("epoch"))

@@ -30,7 +30,9 @@ def time_metrics(num_pairs=6000, dim=512, repeats=5):
     rng = np.random.default_rng(0)
     issame = rng.random(num_pairs) < 0.5
     first = rng.normal(size=(num_pairs, dim)).astype(np.float32)
-    second = np.where(issame[:, None], first + 1.2 * rng.normal(size=first.shape), rng.normal(size=first.shape)).astype(np.float32)
+    second = np.where(issame[:, None], first + 1.2 * rng.normal(size=first.shape), rng.normal(size=first.shape)).astype(
+        np.float32
+    )
     embeddings = np.empty((2 * num_pairs, dim), np.float32)
     embeddings[0::2], embeddings[1::2] = first, second
     best = np.inf

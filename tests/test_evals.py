@@ -72,7 +72,7 @@ def random_pair_embeddings(num_pairs, dim=32, noise=1.5, seed=0, genuine_rate=0.
 # ---------------------------------------------------------------------------------------------------------
 # Metrics.
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_pairs, noise, genuine_rate", [(600, 1.5, 0.5), (607, 1.0, 0.3), (1203, 2.5, 0.6)])
+@pytest.mark.parametrize("num_pairs, noise, genuine_rate", [(600, 1.5, 0.5), (607, 1.0, 0.3), (803, 2.5, 0.6)])
 def test_insightface_metrics_match_reference(num_pairs, noise, genuine_rate):
     embeddings, issame = random_pair_embeddings(num_pairs, noise=noise, seed=num_pairs, genuine_rate=genuine_rate)
     metrics = evals.verification_metrics(embeddings, issame)
@@ -217,13 +217,23 @@ def test_normalization_scales_differ(bin_case, model):
     assert np.abs(seeds - insightface).max() > 1e-4
 
 
-def test_callback_no_flip_and_resize(bin_case):
-    path, decoded, _ = bin_case
+def test_callback_no_flip_and_resize(bin_case, tmp_path):
+    """Images of another size than the model input are resized (bilinear), also in a bin of mixed sizes."""
+    path, decoded, issame = bin_case
     bigger = tiny_model(40, seed=2)
     ee = evals.eval_callback(bigger, path, flip=False)
-    resized = tf.image.resize(decoded, (40, 40)).numpy()  # bilinear, as the evaluation pipeline documents
+    resized = tf.image.resize(decoded, (40, 40)).numpy()
+    expected = reference_embeddings(bigger, resized, data.SEEDS_SCALE, flip=False)
+    np.testing.assert_allclose(ee.compute_embeddings(), expected, atol=2e-5)
+    mixed = [encode_png(decoded[0].astype(np.uint8))] + [
+        encode_png(ii.astype(np.uint8)) for ii in np.round(resized[1:]).astype(np.uint8)
+    ]
+    mixed_path = str(tmp_path / "mixed.bin")
+    data.write_bin(mixed_path, mixed, issame)
+    mixed_images = np.concatenate([resized[:1], np.round(resized[1:])])  # only image 0 needs a resize
+    mixed_expected = reference_embeddings(bigger, mixed_images, data.SEEDS_SCALE, flip=False)
     np.testing.assert_allclose(
-        ee.compute_embeddings(), reference_embeddings(bigger, resized, data.SEEDS_SCALE, flip=False), atol=2e-5
+        evals.eval_callback(bigger, mixed_path, flip=False).compute_embeddings(), mixed_expected, atol=2e-5
     )
 
 
@@ -353,7 +363,9 @@ def test_cli_prints_metrics_table(bin_case, model, tmp_path, capsys):
     model_path = str(tmp_path / "basic.keras")
     model.save(model_path)
     results = evals.main(["-m", model_path, "-t", path, path, "-b", "16", "--no-flip", "--scale", "127.5"])
-    expected = evals.verification_metrics(reference_embeddings(model, decoded, data.INSIGHTFACE_SCALE, flip=False), issame)
+    expected = evals.verification_metrics(
+        reference_embeddings(model, decoded, data.INSIGHTFACE_SCALE, flip=False), issame
+    )
     assert list(results) == ["tinyset"]
     for key, value in expected.items():
         assert results["tinyset"][key] == pytest.approx(value, abs=1e-5)

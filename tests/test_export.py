@@ -225,3 +225,19 @@ def test_cli_exports_next_to_the_model_file(model, demo, tmp_path):
     assert cosine(outputs, expected).min() >= 0.999
     with pytest.raises(FileNotFoundError, match="model not found"):
         export.main(["-m", str(tmp_path / "missing.keras")])
+
+
+def test_onnx_without_tf2onnx_says_what_to_install(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install tf2onnx onnx"):
+        export.export_model(model, tmp_path / "m.onnx", format="onnx")
+    assert_no_leftovers(tmp_path)
+
+
+def test_quantize_and_dequantize_by_hand():
+    details = {"quantization": (0.5, -3), "dtype": np.int8}
+    # round(v / 0.5 - 3) clipped to int8: 1.0 -> -1, 1.24 -> round(-0.52) = -1, -100 -> -128, 100 -> 127
+    np.testing.assert_array_equal(export.quantize_input(np.array([1.0, 1.24, -100, 100]), details), [-1, -1, -128, 127])
+    np.testing.assert_allclose(export.dequantize_output(np.array([-1, 5], np.int8), details), [1.0, 4.0])
+    raw = {"quantization": (0.0, 0), "dtype": np.uint8}  # built-in preprocessing: raw pixels pass through
+    np.testing.assert_array_equal(export.quantize_input(np.array([0, 17, 255]), raw), [0, 17, 255])

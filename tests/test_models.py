@@ -9,6 +9,7 @@ import pytest
 
 import models
 import utils
+from backbones import resnest
 
 SMALL = (32, 32, 3)
 IMAGES = np.random.default_rng(0).uniform(-1, 1, size=(2, 32, 32, 3)).astype("float32")
@@ -28,6 +29,26 @@ def mobilenet_gdc():
     return models.buildin_models("MobileNet", emb_shape=16, input_shape=SMALL, output_layer="GDC")
 
 
+def _tiny_stem(name="tiny"):
+    """A small stem with every regularizable layer type: Conv2D (bias), BN, PReLU, DepthwiseConv2D (bias),
+    SeparableConv2D (bias), a frozen BN and a ReLU."""
+    inputs = keras.Input(SMALL)
+    nn = keras.layers.Conv2D(8, 3, strides=2, name="c1")(inputs)
+    nn = keras.layers.BatchNormalization(name="b1")(nn)
+    nn = keras.layers.PReLU(shared_axes=[1, 2], name="p1")(nn)
+    nn = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", name="d1")(nn)
+    nn = keras.layers.SeparableConv2D(16, 3, padding="same", name="s1")(nn)
+    frozen = keras.layers.BatchNormalization(name="frozen_bn")
+    frozen.trainable = False
+    nn = keras.layers.ReLU(name="r1_relu")(frozen(nn))
+    return keras.Model(inputs, nn, name=name)
+
+
+@pytest.fixture(scope="module")
+def mfn_backbone():
+    return models.backbone_from_name("mobilefacenet", input_shape=(64, 64, 3))
+
+
 @pytest.fixture(scope="module")
 def r18_model():
     return models.buildin_models("r18", emb_shape=16, input_shape=SMALL, output_layer="E")
@@ -37,6 +58,11 @@ def r18_model():
 # 2-core CI machine, so they run only with MODELS_TEST_FULL_ZOO=1 (r50 / r100 are built in the count test).
 HEAVY_NAMES = {
     "r50",
+    "se_r34",
+    "se_r50",
+    "resnet50v2",
+    "efficientnetb1",
+    "efficientnetb2",
     "r100",
     "r101",
     "se_r100",
@@ -82,11 +108,24 @@ def test_print_buildin_models_lists_every_name(capsys):
         assert name in printed
 
 
-@pytest.mark.parametrize("name, other", [("MobileNet", "mobilenet"), ("resnet34", "r34"), ("IResNet18", "r18")])
-def test_names_are_case_insensitive_and_aliased(name, other):
-    first = models.buildin_models(name, emb_shape=8, input_shape=SMALL)
-    second = models.buildin_models(other, emb_shape=8, input_shape=SMALL)
-    assert first.count_params() == second.count_params()
+@pytest.mark.parametrize(
+    "name, canonical",
+    [
+        ("MobileNet", "mobilenet"),
+        ("resnet34", "r34"),
+        ("IResNet18", "r18"),
+        ("SE_MobileFaceNet", "se_mobilefacenet"),
+        ("ResNet101V2", "resnet101v2"),
+        ("EfficientNetB4", "efficientnetb4"),
+        ("ResNeSt101", "resnest101"),
+        ("DenseNet121", "densenet121"),
+    ],
+)
+def test_names_are_case_insensitive_and_aliased(name, canonical):
+    resolved, builder = models.resolve_backbone_name(name)
+    assert resolved == canonical
+    if canonical in ("mobilenet", "resnet101v2", "densenet121"):
+        assert builder is getattr(keras.applications, {"mobilenet": "MobileNet"}.get(canonical, name))
 
 
 def _head_params(height, width, channels, emb, output_layer):
@@ -102,30 +141,26 @@ def _head_params(height, width, channels, emb, output_layer):
 
 
 @pytest.mark.parametrize("output_layer", ["E", "GDC", "GAP", "F"])
-def test_head_parameter_counts(output_layer):
-    backbone = models.backbone_from_name("mobilefacenet", input_shape=(64, 64, 3))
-    _, height, width, channels = backbone.output.shape
+def test_head_parameter_counts(mfn_backbone, output_layer):
+    _, height, width, channels = mfn_backbone.output.shape
     assert (height, width, channels) == (4, 4, 512)
-    model = models.buildin_models(backbone, emb_shape=32, output_layer=output_layer.lower(), dropout=0.3)
-    assert model.count_params() - backbone.count_params() == _head_params(height, width, channels, 32, output_layer)
+    model = models.buildin_models(mfn_backbone, emb_shape=32, output_layer=output_layer.lower(), dropout=0.3)
+    assert model.count_params() - mfn_backbone.count_params() == _head_params(height, width, channels, 32, output_layer)
     assert any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
+    _check_embedding(model, np.zeros((1, 64, 64, 3), "float32"), 32)
 
 
 def test_pointwise_conv_and_mxnet_options():
-    backbone = models.backbone_from_name("mobilefacenet", input_shape=(64, 64, 3))
+    stem = _tiny_stem()
+    _, height, width, channels = stem.output.shape
     model = models.buildin_models(
-        backbone,
-        emb_shape=32,
-        output_layer="GDC",
-        add_pointwise_conv=True,
-        scale=False,
-        bn_momentum=0.9,
-        bn_epsilon=2e-5,
+        stem, emb_shape=32, output_layer="GDC", add_pointwise_conv=True, scale=False, bn_momentum=0.9, bn_epsilon=2e-5
     )
-    # pointwise conv 512x512 + BN 4*512 + PReLU 512; GDC on 512 channels; final BN without gamma = 3 * emb
-    expected = 512 * 512 + 4 * 512 + 512 + 16 * 512 + 4 * 512 + 512 * 32 + 3 * 32
-    assert model.count_params() - backbone.count_params() == expected
+    # pointwise conv + BN + PReLU to 512; GDC on 512 channels; final BN without gamma = 3 * emb
+    expected = channels * 512 + 4 * 512 + 512 + height * width * 512 + 4 * 512 + 512 * 32 + 3 * 32
+    assert model.count_params() - stem.count_params() == expected
     batch_norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(batch_norms) == 5
     assert all((bn.momentum, bn.epsilon) == (0.9, 2e-5) for bn in batch_norms)
 
 
@@ -137,11 +172,12 @@ def test_pointwise_conv_and_mxnet_options():
         ({"stem_model": "r18", "emb_shape": 0}, ValueError),
         ({"stem_model": "MobileNet", "weights": "imagenet"}, ValueError),
         ({"stem_model": 3}, TypeError),
+        ({"stem_model": "MobileNet", "input_shape": (16, 16, 3)}, ValueError),  # keras.applications minimum 32
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, error):
     with pytest.raises(error):
-        models.buildin_models(input_shape=SMALL, **kwargs)
+        models.buildin_models(**{"input_shape": SMALL, **kwargs})
 
 
 def test_embedding_is_float32_under_mixed_precision_policy():
@@ -164,7 +200,7 @@ def test_iresnet_parameter_counts_match_insightface(name, published):
 
 @pytest.mark.parametrize("apply_to_batch_normal, apply_to_bias", [(False, False), (True, True)])
 def test_l2_regularizer_loss_is_half_weight_decay_sum_of_squares(apply_to_batch_normal, apply_to_bias):
-    model = models.buildin_models("se_mobilefacenet", emb_shape=8, input_shape=SMALL, use_bias=True)
+    model = models.buildin_models(_tiny_stem(), emb_shape=8, output_layer="E", use_bias=True)
     before = _predict(model)
     wd = 5e-4
     model = models.add_l2_regularizer_2_model(
@@ -173,21 +209,25 @@ def test_l2_regularizer_loss_is_half_weight_decay_sum_of_squares(apply_to_batch_
     suffixes = {"kernel", "depthwise_kernel", "pointwise_kernel"}
     suffixes |= {"gamma", "beta", "alpha"} if apply_to_batch_normal else set()
     suffixes |= {"bias"} if apply_to_bias else set()
-    covered = _kernel_paths(model, suffixes)
+    covered = _kernel_paths(model, suffixes)  # trainable only: the frozen BN is never covered
+    assert len(covered) == {(False, False): 5, (True, True): 5 + 7 + 4}[(apply_to_batch_normal, apply_to_bias)]
     expected = wd / 2 * sum(np.sum(np.square(keras.ops.convert_to_numpy(w)), dtype="float64") for w in covered)
     assert len(model.losses) == len(covered)
     np.testing.assert_allclose(float(sum(keras.ops.convert_to_numpy(loss) for loss in model.losses)), expected, 1e-5)
     np.testing.assert_array_equal(_predict(model), before)
     assert models.get_l2_regularizer_value(model) == pytest.approx(wd / 2)
+    with pytest.raises(ValueError):
+        models.add_l2_regularizer_2_model(model, -1)
 
 
 def test_l2_regularizer_survives_save_and_load(tmp_path):
-    model = models.add_l2_regularizer_2_model(models.buildin_models("r18", emb_shape=8, input_shape=SMALL), 1e-3)
+    model = models.add_l2_regularizer_2_model(models.buildin_models(_tiny_stem(), emb_shape=8), 1e-3)
     path = str(tmp_path / "l2.keras")
     model.save(path)
     loaded = models.load_model(path)
     total = float(sum(keras.ops.convert_to_numpy(loss) for loss in loaded.losses))
-    expected = 1e-3 / 2 * sum(np.sum(np.square(w.numpy())) for w in _kernel_paths(model, {"kernel"}))
+    covered = _kernel_paths(model, {"kernel", "depthwise_kernel", "pointwise_kernel"})
+    expected = 1e-3 / 2 * sum(np.sum(np.square(w.numpy())) for w in covered)
     np.testing.assert_allclose(total, expected, rtol=1e-5)
 
 
@@ -207,9 +247,10 @@ def test_replace_relu_with_prelu_keeps_other_weights(mobilenet_gdc):
 
 
 def test_prelu_option_matches_numpy_prelu():
-    model = models.buildin_models("MobileNet", emb_shape=8, input_shape=SMALL, use_prelu=True)
-    probe = keras.Model(model.input, [model.get_layer("conv1_bn").output, model.get_layer("conv1_prelu").output])
+    model = models.buildin_models(_tiny_stem(), emb_shape=8, use_prelu=True)
+    probe = keras.Model(model.input, [model.get_layer("frozen_bn").output, model.get_layer("r1_prelu").output])
     before, after = (keras.ops.convert_to_numpy(t) for t in probe(IMAGES))
+    assert before.min() < 0 < before.max()
     np.testing.assert_allclose(after, np.where(before > 0, before, 0.25 * before), rtol=1e-6)
 
 
@@ -261,16 +302,31 @@ def test_mixed_precision_conversion_round_trip(r18_model, policy, compute_dtype)
         models.convert_to_mixed_float16(r18_model, policy="float8")
 
 
+def _split_attention_model():
+    inputs = keras.Input((8, 8, 16))
+    return keras.Model(inputs, resnest.split_attention_conv(inputs, 16, name="sa_"))
+
+
 @pytest.mark.parametrize("extension", [".keras", ".h5"])
-def test_save_load_round_trip_is_exact(tmp_path, extension):
-    model = models.buildin_models("se_r18", emb_shape=8, input_shape=SMALL, output_layer="E", dropout=0.2)
-    model = models.add_stochastic_depth(model, 0.8)
-    path = str(tmp_path / ("model" + extension))
-    with utils.atomic_write(path) as tmp:
-        model.save(tmp)
-    loaded = models.load_model(path)
-    assert any(isinstance(layer, models.StochasticDepth) for layer in loaded.layers)
-    np.testing.assert_array_equal(_predict(loaded), _predict(model))
+def test_save_load_round_trip_is_exact(tmp_path, r18_model, extension):
+    for model in (models.add_stochastic_depth(r18_model, 0.8), _split_attention_model()):
+        path = str(tmp_path / (model.name + extension))
+        with utils.atomic_write(path) as tmp:
+            model.save(tmp)
+        loaded = models.load_model(path)
+        assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in model.layers]
+        images = np.random.default_rng(1).normal(size=(2,) + tuple(model.input.shape[1:])).astype("float32")
+        np.testing.assert_array_equal(_predict(loaded, images), _predict(model, images))
+
+
+def test_split_attention_layers_match_numpy():
+    x = np.random.default_rng(2).normal(size=(2, 1, 1, 6)).astype("float32")
+    summed = keras.ops.convert_to_numpy(resnest.SplitSum(2)(x))
+    np.testing.assert_allclose(summed, x[..., :3] + x[..., 3:], rtol=1e-6)
+    weights = keras.ops.convert_to_numpy(resnest.RSoftmax(2)(x))
+    first, second = np.exp(x[..., :3]), np.exp(x[..., 3:])
+    expected = np.concatenate([first / (first + second), second / (first + second)], axis=-1)
+    np.testing.assert_allclose(weights, expected, rtol=1e-5)
 
 
 def test_load_model_errors(tmp_path):

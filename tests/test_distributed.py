@@ -1,0 +1,69 @@
+"""Multi-device training: MirroredStrategy over 2 logical CPUs equals one device; 2-worker MultiWorker on loopback.
+
+Both run in subprocesses: logical devices and TF_CONFIG must be set before TensorFlow initializes.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]), TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_mirrored_strategy_matches_one_device(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(HERE, "mirrored_job.py"), str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {row["name"]: row for row in _json_lines(done.stdout)}
+    assert set(results) == {"softmax", "arcface", "center", "triplet", "arcface_triplet"}
+    for name, row in results.items():
+        assert row["loss_diff"] < 1e-4 * max(1.0, abs(row["loss_single"][0])), (name, row)
+        assert row["weight_diff"] < 1e-4, (name, row)
+        assert row["loss_single"][1] != row["loss_single"][0]  # the two epochs really trained
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_two_worker_multiworker_epoch(demo_small, tmp_path):
+    ports = [str(port) for port in _free_ports(2)]
+    job = os.path.join(HERE, "multiworker_job.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, job, *ports, str(index), demo_small["train_dir"], str(tmp_path)],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=400)
+            assert proc.returncode == 0, stderr[-3000:]
+            outputs.append(_json_lines(stdout)[-1])
+    finally:
+        for proc in procs:
+            proc.kill()
+    chief, other = sorted(outputs, key=lambda row: row["index"])
+    assert chief["chief"] and not other["chief"]
+    assert chief["loss"] == pytest.approx(other["loss"]) and len(chief["loss"]) == 1
+    assert chief["trainable"] == pytest.approx(other["trainable"], rel=1e-6)  # workers stay in sync
+    assert os.path.exists(tmp_path / "mw.keras") and os.path.exists(tmp_path / "mw_hist.json")
+    assert os.path.exists(tmp_path / "worker_1" / "mw.keras")  # the non-chief never overwrites the chief's files
