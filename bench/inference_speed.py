@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+import keras
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,6 +86,7 @@ def make_model(name, emb_shape, size, calibration_images):
     """A saved basic model if ``name`` is a file (used as is), else an untrained zoo model with calibrated BN."""
     if os.path.isfile(name):
         return export.load_model(name)
+    keras.utils.set_random_seed(0)  # the same untrained weights on every run
     model = models.buildin_models(name, emb_shape=emb_shape, output_layer="GDC", input_shape=(size, size, 3))
     return export.calibrate_batch_norm(model, data.normalize_image(calibration_images.astype(np.float32)))
 

@@ -51,6 +51,9 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--deg_thresh", type=int, default=75)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bn_momentum", type=float, default=0.9, help="0.9 as MXNet insightface; Keras' 0.99 lags in short runs"
+    )
     args = parser.parse_args(argv)
 
     import keras
@@ -73,7 +76,12 @@ def main(argv=None):
     noisy_dir = os.path.join(args.work_dir, "noisy")
     mislabeled = make_noisy_folder(paths["train_dir"], noisy_dir, args.noise, args.seed)
     basic_model = models.buildin_models(
-        "mobilefacenet", dropout=0, emb_shape=128, input_shape=(args.image_size, args.image_size, 3), output_layer="GDC"
+        "mobilefacenet",
+        dropout=0,
+        emb_shape=128,
+        input_shape=(args.image_size, args.image_size, 3),
+        output_layer="GDC",
+        bn_momentum=args.bn_momentum,
     )
     tt = train.Train(
         noisy_dir,
@@ -109,6 +117,7 @@ def main(argv=None):
         "deg_thresh": args.deg_thresh,
         "classes": args.classes,
         "image_size": args.image_size,
+        "bn_momentum": args.bn_momentum,
         "seconds": round(time.time() - start, 1),
         "train_seconds": round(train_time, 1),
     }
