@@ -54,7 +54,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load '{module}.{name}': only containers, bytes and numpy arrays are allowed")
+            raise pickle.UnpicklingError(
+                f"refusing to load '{module}.{name}': only containers, bytes and numpy arrays are allowed"
+            )
         if module.startswith("numpy.core"):  # numpy 2 renamed numpy.core to numpy._core
             module = module.replace("numpy.core", "numpy._core", 1)
         return getattr(importlib.import_module(module), name)
@@ -208,7 +210,10 @@ def pre_process_folder(data_path, cache_dir=None, verify_images=False):
     cache_file = os.path.join(cache_dir, os.path.basename(os.path.normpath(data_path)) + "_shuffle.npz")
     if os.path.isfile(cache_file):
         with np.load(cache_file, allow_pickle=False) as content:
-            if str(content.get("fingerprint", "")) == fingerprint and bool(content.get("verified", False)) >= verify_images:
+            if (
+                str(content.get("fingerprint", "")) == fingerprint
+                and bool(content.get("verified", False)) >= verify_images
+            ):
                 return {"image_names": content["image_names"], "image_classes": content["image_classes"]}
     image_names, image_classes, _ = scan_class_folder(data_path)
     if verify_images:
@@ -219,7 +224,13 @@ def pre_process_folder(data_path, cache_dir=None, verify_images=False):
             image_names, image_classes = image_names[keep], image_classes[keep]
     try:
         with atomic_write(cache_file) as tmp_path:
-            np.savez(tmp_path, image_names=image_names, image_classes=image_classes, fingerprint=fingerprint, verified=verify_images)
+            np.savez(
+                tmp_path,
+                image_names=image_names,
+                image_classes=image_classes,
+                fingerprint=fingerprint,
+                verified=verify_images,
+            )
     except OSError as err:  # a read-only dataset location must not stop training
         logging.warning("could not write image-list cache %s: %s", cache_file, err)
     return {"image_names": image_names, "image_classes": image_classes}
@@ -239,6 +250,33 @@ class TrainDataset:
     def __init__(self, dataset, steps_per_epoch, classes, num_images, embedding_dim=0):
         self.dataset, self.steps_per_epoch, self.classes = dataset, steps_per_epoch, classes
         self.num_images, self.embedding_dim = num_images, embedding_dim
+
+    @classmethod
+    def from_dataset(cls, dataset, classes, steps_per_epoch):
+        """Wrap a user's batched ``tf.data.Dataset`` of ``(images, labels)`` (or ``(images, {"label": ...})``).
+
+        Images must already be normalized; labels sparse integers. The dataset is repeated.
+        """
+        import tensorflow as tf
+
+        def as_targets(images, targets):
+            if not isinstance(targets, dict):
+                targets = {"label": tf.cast(tf.reshape(targets, [-1]), tf.int32)}
+            return images, targets
+
+        spec = dataset.element_spec
+        if not isinstance(spec, tuple) or len(spec) != 2:
+            raise ValueError(f"expected a dataset of (images, labels) batches, got element_spec {spec}")
+        embedding_spec = spec[1].get("embedding") if isinstance(spec[1], dict) else None
+        embedding_dim = 0 if embedding_spec is None else int(embedding_spec.shape[-1])
+        dataset = dataset.map(as_targets).repeat()
+        return cls(
+            dataset,
+            int(steps_per_epoch),
+            int(classes),
+            int(steps_per_epoch) * int(spec[0].shape[0] or 0),
+            embedding_dim,
+        )
 
 
 def random_process_image(image, img_shape=(112, 112), random_status=0, random_crop=(100, 100, 3)):
@@ -271,8 +309,12 @@ def rand_augment(image, magnitude=5.0, num_ops=2):
     def affine(transform):
         transform = tf.reshape(tf.cast(transform, tf.float32), [1, 8])
         out = tf.raw_ops.ImageProjectiveTransformV3(
-            images=image[None], transforms=transform, output_shape=tf.shape(image)[:2], fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="CONSTANT",
+            images=image[None],
+            transforms=transform,
+            output_shape=tf.shape(image)[:2],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
         )
         return out[0]
 
@@ -306,8 +348,12 @@ def _rotate(image, degrees):
     cx, cy = (width - 1) / 2, (height - 1) / 2
     transform = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=tf.reshape(tf.stack(transform), [1, 8]), output_shape=tf.shape(image)[:2],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT",
+        images=image[None],
+        transforms=tf.reshape(tf.stack(transform), [1, 8]),
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
     )
     return out[0]
 

@@ -61,7 +61,9 @@ def render_face(identity, rng, image_size=112):
     v = (-sin * (xx - shift[0]) + cos * (yy - shift[1])) / scale
     yaw = rng.uniform(-0.08, 0.08)  # shifts the inner features sideways like a small head turn
 
-    background = rng.uniform(0, 255, 3) + rng.uniform(-60, 60, 3) * xx[..., None] + rng.uniform(-60, 60, 3) * yy[..., None]
+    background = (
+        rng.uniform(0, 255, 3) + rng.uniform(-60, 60, 3) * xx[..., None] + rng.uniform(-60, 60, 3) * yy[..., None]
+    )
     canvas = background.astype(np.float32)
     ax, ay = identity["face_axes"]
     hair_mask = _ellipse(u, v, 0, -0.05, ax + identity["hair_sides"], ay + 0.12) * (v < identity["hairline"] + 0.35)
@@ -82,7 +84,11 @@ def render_face(identity, rng, image_size=112):
         brow = (np.abs(v - brow_v) < identity["brow_thick"]) * (np.abs(u - ex) < ew * 1.2)
         _paint(canvas, brow.astype(np.float32), identity["hair"] * 0.6)
     nose_top, nose_len = identity["eye_y"] + 0.05, identity["nose_len"]
-    nose = (v > nose_top) * (v < nose_top + nose_len) * (np.abs(u - yaw * 1.5) < identity["nose_width"] * (v - nose_top) / nose_len)
+    nose = (
+        (v > nose_top)
+        * (v < nose_top + nose_len)
+        * (np.abs(u - yaw * 1.5) < identity["nose_width"] * (v - nose_top) / nose_len)
+    )
     _paint(canvas, nose.astype(np.float32) * 0.5, identity["skin"] * 0.6)
     smile = rng.uniform(-0.6, 1.2)
     mouth_v = identity["mouth_y"] - smile * 0.15 * (1 - ((u - yaw) / identity["mouth_width"]) ** 2)
@@ -150,7 +156,9 @@ def make_demo_dataset(
         eval_images = []
         for offset, identity in enumerate(identities[num_classes:]):
             ident_rng = np.random.default_rng([seed, num_classes + offset])
-            eval_images.extend(encode_jpeg(render_face(identity, ident_rng, image_size)) for _ in range(eval_images_per_class))
+            eval_images.extend(
+                encode_jpeg(render_face(identity, ident_rng, image_size)) for _ in range(eval_images_per_class)
+            )
         pairs = _make_pairs(num_eval_classes, eval_images_per_class, num_pairs, rng)
         bins = [eval_images[index] for aa, bb, _ in pairs for index in (aa, bb)]
         write_bin(bin_path, bins, [same for _, _, same in pairs])

@@ -970,3 +970,56 @@ class PartialFCNormDense(NormDense):
         config = super().get_config()
         config.update({"sample_rate": self.sample_rate, "seed": self.seed})
         return config
+
+
+# ---------------------------------------------------------------------------------------------- lazy optimizers
+def _unique_rows(gradient, dtype):
+    """``(row indices, summed row gradients)`` of an ``IndexedSlices`` with every index once: an all-reduce over
+    replicas concatenates the rows of each replica, and a scatter with repeated indices would keep only one."""
+    indices, positions = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), positions, tf.shape(indices)[0])
+    return indices, values
+
+
+@_register
+class LazySGD(keras.optimizers.SGD):
+    """Keras ``SGD`` that applies an ``IndexedSlices`` gradient (a Partial FC head) lazily: only the gradient's rows
+    of the variable and of its momentum change. Keras' own SGD with momentum decays the momentum of every row and
+    moves every row by it, i.e. ``O(classes)`` work per step. Dense gradients get Keras' update unchanged."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        lr = tf.cast(learning_rate, variable.dtype)
+        indices, grad = _unique_rows(gradient, variable.dtype)
+        if self.momentum == 0:
+            return self.assign_sub(variable, tf.IndexedSlices(grad * lr, indices))
+        momentum_var = self.momentums[self._get_variable_index(variable)]
+        momentum = tf.cast(self.momentum, variable.dtype)
+        rows = tf.gather(momentum_var, indices) * momentum - grad * lr
+        self.assign(momentum_var, tf.IndexedSlices(rows, indices))
+        step = rows * momentum - grad * lr if self.nesterov else rows
+        return self.assign_add(variable, tf.IndexedSlices(step, indices))
+
+
+@_register
+class LazyAdam(keras.optimizers.Adam):
+    """Keras ``Adam`` that applies an ``IndexedSlices`` gradient lazily: only the gradient's rows of the variable
+    and of its two moments change (the bias correction uses the global step, as TF1's ``LazyAdamOptimizer``).
+    Dense gradients, and ``amsgrad=True``, get Keras' update unchanged."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not isinstance(gradient, tf.IndexedSlices) or self.amsgrad:
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        indices, grad = _unique_rows(gradient, dtype)
+        local_step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        alpha = tf.cast(learning_rate, dtype) * tf.sqrt(1 - beta_2**local_step) / (1 - beta_1**local_step)
+        index = self._get_variable_index(variable)
+        m_var, v_var = self._momentums[index], self._velocities[index]
+        m_rows = tf.gather(m_var, indices) * beta_1 + grad * (1 - beta_1)
+        v_rows = tf.gather(v_var, indices) * beta_2 + tf.square(grad) * (1 - beta_2)
+        self.assign(m_var, tf.IndexedSlices(m_rows, indices))
+        self.assign(v_var, tf.IndexedSlices(v_rows, indices))
+        return self.assign_sub(variable, tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), indices))

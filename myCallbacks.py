@@ -113,7 +113,17 @@ class ConstantDecayScheduler(_LrScheduler):
 class CosineLrScheduler(_LrScheduler):
     """Cosine decay with restarts on epochs, or on batches when ``first_restart_step >= 500``/``on_batch=True``."""
 
-    def __init__(self, lr_base, first_restart_step, m_mul=0.5, lr_min=1e-6, warmup_iters=0, t_mul=2.0, on_batch=None, steps_per_epoch=1):
+    def __init__(
+        self,
+        lr_base,
+        first_restart_step,
+        m_mul=0.5,
+        lr_min=1e-6,
+        warmup_iters=0,
+        t_mul=2.0,
+        on_batch=None,
+        steps_per_epoch=1,
+    ):
         on_batch = first_restart_step >= 500 if on_batch is None else on_batch
         super().__init__(lr_base, warmup_iters, on_batch=on_batch, steps_per_epoch=steps_per_epoch, lr_min=lr_min)
         self.first_restart_step, self.m_mul, self.t_mul = first_restart_step, m_mul, t_mul
@@ -136,7 +146,9 @@ def build_lr_scheduler(lr_base, lr_decay, lr_decay_steps, lr_min=0.0, lr_warmup_
     if 1 < lr_decay_steps < 500:
         return CosineLrScheduler(lr_base, lr_decay_steps, lr_decay, lr_min, lr_warmup_steps, on_batch=False)
     if lr_decay_steps >= 500:
-        return CosineLrScheduler(lr_base, lr_decay_steps, lr_decay, lr_min, lr_warmup_steps, on_batch=True, steps_per_epoch=steps_per_epoch)
+        return CosineLrScheduler(
+            lr_base, lr_decay_steps, lr_decay, lr_min, lr_warmup_steps, on_batch=True, steps_per_epoch=steps_per_epoch
+        )
     return ExponentialScheduler(lr_base, lr_decay, lr_min, warmup_steps=lr_warmup_steps)
 
 

@@ -37,7 +37,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime"],
         "onnx": ["onnxruntime", "tf2onnx"],
         "cv": ["opencv-python-headless"],
     },

@@ -72,7 +72,9 @@ def _is_chief(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
         return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+    )
 
 
 class Train:
@@ -117,7 +119,9 @@ class Train:
         self.is_chief = _is_chief(self.strategy)
         self.save_path = _resolve_save_path(save_path)
         if not self.is_chief:  # other workers write their (identical) files aside, so the chief's are never clobbered
-            self.save_path = os.path.join(os.path.dirname(self.save_path), f"worker_{_task_id(self.strategy)}", os.path.basename(self.save_path))
+            self.save_path = os.path.join(
+                os.path.dirname(self.save_path), f"worker_{_task_id(self.strategy)}", os.path.basename(self.save_path)
+            )
         self.stem = os.path.splitext(os.path.basename(self.save_path))[0]
         self.save_dir = os.path.dirname(self.save_path)
         os.makedirs(self.save_dir, exist_ok=True)
@@ -128,7 +132,11 @@ class Train:
         self.lr_base, self.lr_decay, self.lr_decay_steps = lr_base, lr_decay, lr_decay_steps
         self.lr_min, self.lr_warmup_steps, self.eval_freq = lr_min, lr_warmup_steps, eval_freq
         self.output_weight_decay, self.custom_objects = output_weight_decay, custom_objects or {}
-        self.steps_per_execution, self.jit_compile, self.verbose = max(1, int(steps_per_execution)), jit_compile, verbose
+        self.steps_per_execution, self.jit_compile, self.verbose = (
+            max(1, int(steps_per_execution)),
+            jit_compile,
+            verbose,
+        )
         self.eval_batch_size, self.eval_image_scale = eval_batch_size, eval_image_scale
         self.data_kwargs = dict(
             random_status=random_status,
@@ -165,7 +173,9 @@ class Train:
         with self.strategy.scope():
             if model is not None:
                 self.model = self._load(model, compile=compile) if isinstance(model, str) else model
-                self.basic_model = extract_basic_model(self.model, basic_model if basic_model is not None else EMBEDDING_LAYER)
+                self.basic_model = extract_basic_model(
+                    self.model, basic_model if basic_model is not None else EMBEDDING_LAYER
+                )
                 restored = getattr(self.model, "optimizer", None)
                 self.optimizer = restored if compile and restored is not None else None
                 for layer in self.model.layers[len(self.basic_model.layers) :]:
@@ -238,7 +248,11 @@ class Train:
             outputs["arcface"] = self._head_layer(
                 "arcface",
                 lambda: losses.NormDense(
-                    self.classes, self._output_regularizer(), loss_top_k=loss_top_k, append_norm=append_norm, name="arcface"
+                    self.classes,
+                    self._output_regularizer(),
+                    loss_top_k=loss_top_k,
+                    append_norm=append_norm,
+                    name="arcface",
                 ),
             )(embedding)
         elif head_type == "softmax":
@@ -246,7 +260,11 @@ class Train:
             outputs["softmax"] = self._head_layer(
                 "softmax",
                 lambda: keras.layers.Dense(
-                    self.classes, activation=activation, kernel_regularizer=self._output_regularizer(), dtype="float32", name="softmax"
+                    self.classes,
+                    activation=activation,
+                    kernel_regularizer=self._output_regularizer(),
+                    dtype="float32",
+                    name="softmax",
                 ),
             )(embedding)
         elif head_type == "distill":
@@ -261,7 +279,11 @@ class Train:
             outputs["triplet_embedding"] = embedding
         if distill and self.has_embeddings and head_type != "distill":
             outputs["distill_embedding"] = self._distill_output(embedding)
-        return keras.Model(self.basic_model.inputs[0], outputs, name=re.sub(r"^[^A-Za-z0-9.]+|[^A-Za-z0-9_.-]", "", self.stem) or "model")
+        return keras.Model(
+            self.basic_model.inputs[0],
+            outputs,
+            name=re.sub(r"^[^A-Za-z0-9.]+|[^A-Za-z0-9_.-]", "", self.stem) or "model",
+        )
 
     def _distill_output(self, embedding):
         """The student embedding, mapped by a Dense ``distill_emb_map_layer`` when the teacher's size differs."""
@@ -323,7 +345,11 @@ class Train:
         strategy, replicas = self.strategy, self.num_replicas
         trainable = model.trainable_variables
         classes = self.classes
-        log_keys = ["loss", "regular_loss"] + [name + "_loss" for name in specs] + (["accuracy"] if self._acc_output(specs) else [])
+        log_keys = (
+            ["loss", "regular_loss"]
+            + [name + "_loss" for name in specs]
+            + (["accuracy"] if self._acc_output(specs) else [])
+        )
         acc_output = self._acc_output(specs)
         reductions = {key: "MEAN" if key == "accuracy" else "SUM" for key in log_keys}  # losses are pre-divided
 
@@ -353,7 +379,11 @@ class Train:
                 outputs = model(images, training=True)
                 logs = {name + "_loss": loss_value(spec, targets, outputs[name]) for name, spec in specs.items()}
                 total = tf.add_n([specs[name].weight * logs[name + "_loss"] for name in specs])
-                regular = tf.add_n([tf.cast(ll, tf.float32) for ll in model.losses]) / replicas if model.losses else tf.constant(0.0)
+                regular = (
+                    tf.add_n([tf.cast(ll, tf.float32) for ll in model.losses]) / replicas
+                    if model.losses
+                    else tf.constant(0.0)
+                )
                 scaled = optimizer.scale_loss(total + regular)
             grads = tape.gradient(scaled, trainable)
             optimizer.apply_gradients(zip(grads, trainable))
@@ -372,7 +402,9 @@ class Train:
             for _ in tf.range(num_steps):
                 images, targets = next(iterator)
                 per_replica = strategy.run(replica_step, args=(images, targets))
-                sums = {key: sums[key] + strategy.reduce(reductions[key], per_replica[key], axis=None) for key in log_keys}
+                sums = {
+                    key: sums[key] + strategy.reduce(reductions[key], per_replica[key], axis=None) for key in log_keys
+                }
             return {key: value / tf.cast(num_steps, tf.float32) for key, value in sums.items()}
 
         return run_steps
@@ -390,7 +422,15 @@ class Train:
         checkpoint = myCallbacks.AtomicCheckpoint(self.save_path)
         center_saver = [CenterSaver(center_loss, self.centers_path)] if center_loss is not None else []
         self.nan_guard, self.gently_stop = myCallbacks.NanLossGuard(), myCallbacks.GentlyStop()
-        callbacks = [lr_scheduler, self.nan_guard, *eval_callbacks, checkpoint, *center_saver, history, self.gently_stop]
+        callbacks = [
+            lr_scheduler,
+            self.nan_guard,
+            *eval_callbacks,
+            checkpoint,
+            *center_saver,
+            history,
+            self.gently_stop,
+        ]
         return keras.callbacks.CallbackList(callbacks, model=model, add_history=False, add_progbar=False)
 
     def _eval_callbacks(self):
@@ -503,7 +543,9 @@ class Train:
             skip = min(done, epochs)
             done -= skip
             if skip < epochs:
-                self.train_single_scheduler(epoch=epochs - skip, initial_epoch=initial_epoch + skip, history=history, **stage)
+                self.train_single_scheduler(
+                    epoch=epochs - skip, initial_epoch=initial_epoch + skip, history=history, **stage
+                )
             if not stage.get("bottleneckOnly", False):
                 initial_epoch += epochs
             if self.stop_reason:
@@ -533,9 +575,16 @@ def run_demo(data_dir="datasets/demo", epochs=8, batch_size=64, image_size=48, s
     import demo_data
 
     keras.utils.set_random_seed(seed)
-    paths = demo_data.make_demo_dataset(data_dir, num_classes=150, images_per_class=20, image_size=image_size, seed=seed)
+    paths = demo_data.make_demo_dataset(
+        data_dir, num_classes=150, images_per_class=20, image_size=image_size, seed=seed
+    )
     basic_model = models.buildin_models(
-        "mobilefacenet", dropout=0, emb_shape=128, input_shape=(image_size, image_size, 3), output_layer="GDC", bn_momentum=0.9
+        "mobilefacenet",
+        dropout=0,
+        emb_shape=128,
+        input_shape=(image_size, image_size, 3),
+        output_layer="GDC",
+        bn_momentum=0.9,
     )  # bn_momentum 0.9: a short run must forget the initial moving variance of 1 (0.99**300 is still 5%)
     tt = Train(
         paths["train_dir"],
@@ -560,7 +609,9 @@ def run_demo(data_dir="datasets/demo", epochs=8, batch_size=64, image_size=48, s
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--demo", action="store_true", help="build the synthetic demo dataset and train on it")
     parser.add_argument("--data_dir", default="datasets/demo", help="where the demo dataset is written")
     parser.add_argument("--epochs", type=int, default=8)

@@ -7,7 +7,7 @@ backbone as the baseline, all in this run on synthetic in-memory batches (the in
 Each figure is the best of ``--repeats`` timed chunks of ``--steps`` steps after a warm-up, which damps the noise
 of a shared CPU.
 
-``--partial_fc RATE``: one training step (backbone + NormDense head + ArcFace loss + SGD momentum) with the full head
+``--partial_fc RATE``: one training step (backbone + NormDense head + ArcFace loss + ``losses.LazySGD`` with momentum) with the full head
 over ``--classes`` classes against ``losses.PartialFCNormDense`` at the given sample rate; each variant runs in its
 own subprocess so that its peak RSS is its own.
 
@@ -147,9 +147,7 @@ def head_step_seconds(args, rate):
     loss_fn = losses.ArcfaceLoss()
     variables = backbone.trainable_variables + [head.kernel]
     optimizer = (
-        keras.optimizers.SGD(0.1, momentum=0.9)
-        if args.optimizer == "momentum"
-        else keras.optimizers.get(args.optimizer)
+        losses.LazySGD(0.1, momentum=0.9) if args.optimizer == "momentum" else keras.optimizers.get(args.optimizer)
     )
     optimizer.build(variables)
 
@@ -224,7 +222,11 @@ def parse_args(argv):
     parser.add_argument(
         "--partial_fc", type=float, default=0, help="compare Partial FC at this rate with the full head"
     )
-    parser.add_argument("--optimizer", default="momentum", help="Partial FC mode: 'momentum' (SGD 0.9) or a Keras name")
+    parser.add_argument(
+        "--optimizer",
+        default="momentum",
+        help="Partial FC mode: 'momentum' (losses.LazySGD, momentum 0.9) or a Keras name",
+    )
     parser.add_argument("--memory_limit_gib", type=float, default=14, help="address-space cap of each Partial FC child")
     parser.add_argument("--child", choices=("full", "partial"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)

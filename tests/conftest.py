@@ -16,6 +16,12 @@ def demo_small(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo_small")
     return demo_data.make_demo_dataset(
-        str(root), num_classes=12, images_per_class=10, num_eval_classes=20, eval_images_per_class=4, num_pairs=200,
-        image_size=32, seed=1,
+        str(root),
+        num_classes=12,
+        images_per_class=10,
+        num_eval_classes=20,
+        eval_images_per_class=4,
+        num_pairs=200,
+        image_size=32,
+        seed=1,
     )

@@ -40,9 +40,16 @@ def dataset():
 def run(stage, strategy, tmp):
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        tt = train.Train(dataset(), f"{tmp}/{strategy.__class__.__name__}.keras", basic_model=basic_model(),
-                         batch_size=GLOBAL_BATCH // strategy.num_replicas_in_sync, lr_base=0.1, lr_decay=0, verbose=0,
-                         resume=False)
+        tt = train.Train(
+            dataset(),
+            f"{tmp}/{strategy.__class__.__name__}.keras",
+            basic_model=basic_model(),
+            batch_size=GLOBAL_BATCH // strategy.num_replicas_in_sync,
+            lr_base=0.1,
+            lr_decay=0,
+            verbose=0,
+            resume=False,
+        )
         history = tt.train([dict(stage, optimizer=keras.optimizers.SGD(0.1, momentum=0.9), epoch=2)], 0)
     return np.array(history["loss"]), [ww.copy() for ww in tt.model.get_weights()]
 

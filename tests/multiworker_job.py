@@ -9,7 +9,10 @@ import sys
 
 port0, port1, index, data_dir, save_dir = sys.argv[1:6]
 os.environ["TF_CONFIG"] = json.dumps(
-    {"cluster": {"worker": [f"127.0.0.1:{port0}", f"127.0.0.1:{port1}"]}, "task": {"type": "worker", "index": int(index)}}
+    {
+        "cluster": {"worker": [f"127.0.0.1:{port0}", f"127.0.0.1:{port1}"]},
+        "task": {"type": "worker", "index": int(index)},
+    }
 )
 import tensorflow as tf  # noqa: E402
 
@@ -17,16 +20,27 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from test_train import tiny_basic_model  # noqa: E402
 
 import losses  # noqa: E402
 import train  # noqa: E402
-from test_train import tiny_basic_model  # noqa: E402
 
 keras.utils.set_random_seed(0)
 with strategy.scope():
-    tt = train.Train(data_dir, os.path.join(save_dir, "mw.keras"), basic_model=tiny_basic_model(), batch_size=8,
-                     lr_base=0.01, verbose=0, seed=0)
+    tt = train.Train(
+        data_dir,
+        os.path.join(save_dir, "mw.keras"),
+        basic_model=tiny_basic_model(),
+        batch_size=8,
+        lr_base=0.01,
+        verbose=0,
+        seed=0,
+    )
     history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": "sgd", "epoch": 1}], 0)
 trainable = float(sum(np.abs(ww.numpy()).sum() for ww in tt.model.trainable_weights))
 moving = float(sum(np.abs(ww.numpy()).sum() for ww in tt.model.non_trainable_weights))
-print(json.dumps({"index": int(index), "loss": history["loss"], "trainable": trainable, "moving": moving, "chief": tt.is_chief}))
+print(
+    json.dumps(
+        {"index": int(index), "loss": history["loss"], "trainable": trainable, "moving": moving, "chief": tt.is_chief}
+    )
+)

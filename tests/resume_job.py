@@ -6,10 +6,10 @@ import signal
 
 import keras
 import numpy as np
+from test_train import tiny_basic_model
 
 import losses
 import train
-from test_train import tiny_basic_model
 
 
 class KillMidEpoch(keras.callbacks.Callback):
@@ -31,8 +31,16 @@ def main():
     parser.add_argument("save_path")
     parser.add_argument("--kill_at_epoch", type=int, default=-1)
     args = parser.parse_args()
-    tt = train.Train(args.data, args.save_path, basic_model=tiny_basic_model(), batch_size=16, lr_base=0.01,
-                     lr_decay=0.5, lr_decay_steps=[2], verbose=1)
+    tt = train.Train(
+        args.data,
+        args.save_path,
+        basic_model=tiny_basic_model(),
+        batch_size=16,
+        lr_base=0.01,
+        lr_decay=0.5,
+        lr_decay_steps=[2],
+        verbose=1,
+    )
     original = tt._make_center_loss
 
     def make_center_loss(alpha=0.5):

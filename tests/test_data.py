@@ -17,7 +17,9 @@ def _write_folder(root, class_sizes, size=24):
     for name, count in class_sizes.items():
         os.makedirs(os.path.join(root, name), exist_ok=True)
         for ii in range(count):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(os.path.join(root, name, f"{ii}.png"))
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                os.path.join(root, name, f"{ii}.png")
+            )
     return root
 
 
@@ -78,7 +80,11 @@ def test_corrupt_image_does_not_kill_the_epoch(tmp_path):
 @pytest.mark.parametrize("random_status", [-1, 0, 1, 2, 3, 100])
 def test_pipeline_shapes_range_and_labels(demo_small, tmp_path, random_status):
     ds = data.prepare_dataset(
-        demo_small["train_dir"], batch_size=8, img_shape=(32, 32), random_status=random_status, random_crop=(28, 28, 3),
+        demo_small["train_dir"],
+        batch_size=8,
+        img_shape=(32, 32),
+        random_status=random_status,
+        random_crop=(28, 28, 3),
         cache_dir=str(tmp_path),
     )
     assert ds.classes == 12 and ds.num_images == 120 and ds.steps_per_epoch == 15
@@ -94,18 +100,24 @@ def test_labels_match_class_folders_without_augmentation(demo_small, tmp_path):
 
     TF and PIL JPEG decoders differ by a few levels, so "equal" is a mean absolute difference under 2 levels.
     """
-    ds = data.prepare_dataset(demo_small["train_dir"], batch_size=4, img_shape=(32, 32), random_status=-1, cache_dir=str(tmp_path))
+    ds = data.prepare_dataset(
+        demo_small["train_dir"], batch_size=4, img_shape=(32, 32), random_status=-1, cache_dir=str(tmp_path)
+    )
     listing = data.pre_process_folder(demo_small["train_dir"], cache_dir=str(tmp_path))
     by_label = {}
     for name, label in zip(listing["image_names"], listing["image_classes"]):
-        by_label.setdefault(int(label), []).append((np.asarray(Image.open(name).convert("RGB"), np.float32) - 127.5) * 0.0078125)
+        by_label.setdefault(int(label), []).append(
+            (np.asarray(Image.open(name).convert("RGB"), np.float32) - 127.5) * 0.0078125
+        )
     images, targets = next(iter(ds.dataset))
     for image, label in zip(images.numpy(), targets["label"].numpy()):
         assert min(np.abs(image - ref).mean() for ref in by_label[int(label)]) < 2 * 0.0078125
 
 
 def test_triplet_batches_are_p_by_k(demo_small, tmp_path):
-    ds = data.prepare_dataset(demo_small["train_dir"], batch_size=10, img_shape=(32, 32), image_per_class=4, cache_dir=str(tmp_path))
+    ds = data.prepare_dataset(
+        demo_small["train_dir"], batch_size=10, img_shape=(32, 32), image_per_class=4, cache_dir=str(tmp_path)
+    )
     _, targets = next(iter(ds.dataset))
     labels = targets["label"].numpy()
     assert len(labels) == 8  # batch rounded down to a multiple of K
@@ -114,7 +126,9 @@ def test_triplet_batches_are_p_by_k(demo_small, tmp_path):
 
 
 def test_mixup_keeps_sparse_labels(demo_small, tmp_path):
-    ds = data.prepare_dataset(demo_small["train_dir"], batch_size=8, img_shape=(32, 32), mixup_alpha=0.4, cache_dir=str(tmp_path))
+    ds = data.prepare_dataset(
+        demo_small["train_dir"], batch_size=8, img_shape=(32, 32), mixup_alpha=0.4, cache_dir=str(tmp_path)
+    )
     _, targets = next(iter(ds.dataset))
     assert targets["label_b"].shape == (8,) and targets["mix"].shape == (8,)
     mix = targets["mix"].numpy()
@@ -175,3 +189,15 @@ def test_bin_loader_refuses_code(tmp_path):
         pickle.dump(([_Evil(), b"x"], [True]), ff)
     with pytest.raises(ValueError, match="refusing to load 'shutil.rmtree'"):
         data.load_bin(path)
+
+
+def test_wrap_a_user_dataset():
+    import tensorflow as tf
+
+    images = np.zeros((6, 8, 8, 3), "float32")
+    raw = tf.data.Dataset.from_tensor_slices((images, np.arange(6) % 3)).batch(2)
+    wrapped = data.TrainDataset.from_dataset(raw, classes=3, steps_per_epoch=3)
+    batches = [targets["label"].numpy().tolist() for _, targets in wrapped.dataset.take(4)]
+    assert batches == [[0, 1], [2, 0], [1, 2], [0, 1]]  # repeated, sparse int32 labels
+    with pytest.raises(ValueError, match="images, labels"):
+        data.TrainDataset.from_dataset(tf.data.Dataset.range(3), classes=3, steps_per_epoch=1)

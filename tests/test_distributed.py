@@ -21,7 +21,11 @@ def _json_lines(text):
 
 def test_mirrored_strategy_matches_one_device(tmp_path):
     done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "mirrored_job.py"), str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=600
+        [sys.executable, os.path.join(HERE, "mirrored_job.py"), str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = {row["name"]: row for row in _json_lines(done.stdout)}
@@ -48,7 +52,10 @@ def test_two_worker_multiworker_epoch(demo_small, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, job, *ports, str(index), demo_small["train_dir"], str(tmp_path)],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for index in range(2)
     ]

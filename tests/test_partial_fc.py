@@ -193,13 +193,72 @@ def test_lazy_keras_optimizers_update_only_sampled_centers_and_slots(batch, name
 @pytest.mark.parametrize("optimizer", [keras.optimizers.SGD(0.1, momentum=0.9), keras.optimizers.Adam(0.01)])
 def test_momentum_optimizers_decay_unsampled_slots_as_a_zero_gradient(batch, optimizer):
     """Keras 3 SGD with momentum and Adam densify an ``IndexedSlices`` gradient: centers sampled in step 0 but
-    not in step 1 still move in step 1 (momentum), as with a zero gradient. Documented limitation."""
+    not in step 1 still move in step 1 (momentum), as with a zero gradient; hence ``LazySGD`` / ``LazyAdam``."""
     sampled, changed = _two_steps(optimizer, *batch)
     first = losses.partial_fc_sample(batch[1], CLASSES, 0.25, 0)[0].numpy()
     only_first = set(first) - set(sampled)
     assert only_first
     for rows in changed:
         assert only_first <= set(rows) <= set(first) | set(sampled)
+
+
+@pytest.mark.parametrize("optimizer", [losses.LazySGD(0.1, momentum=0.9), losses.LazyAdam(0.01)])
+def test_lazy_optimizers_update_only_sampled_centers_and_slots(batch, optimizer):
+    sampled, changed = _two_steps(optimizer, *batch)
+    for rows in changed:
+        assert set(batch[1]) <= set(rows) <= set(sampled)
+
+
+def np_lazy_update(name, var, slots, rows, grad, lr, step):
+    """One lazy update of ``rows`` in numpy: SGD momentum 0.9 (``m = 0.9 m - lr g; w += m``) or Adam."""
+    var, slots = var.copy(), [slot.copy() for slot in slots]
+    if name == "LazySGD":
+        slots[0][rows] = 0.9 * slots[0][rows] - lr * grad
+        var[rows] += slots[0][rows]
+    else:
+        slots[0][rows] = 0.9 * slots[0][rows] + 0.1 * grad
+        slots[1][rows] = 0.999 * slots[1][rows] + 0.001 * grad**2
+        alpha = lr * np.sqrt(1 - 0.999**step) / (1 - 0.9**step)
+        var[rows] -= alpha * slots[0][rows] / (np.sqrt(slots[1][rows]) + 1e-7)
+    return var, slots
+
+
+@pytest.mark.parametrize("name", ["LazySGD", "LazyAdam"])
+def test_lazy_update_matches_numpy_and_sums_repeated_rows(name):
+    """Rows repeated in an ``IndexedSlices`` (as after an all-reduce over replicas) are summed, as dense would be."""
+    rng = np.random.default_rng(3)
+    var = keras.Variable(rng.normal(size=(7, 3)).astype("float32"))
+    optimizer = getattr(losses, name)(0.1, momentum=0.9) if name == "LazySGD" else losses.LazyAdam(0.1)
+    optimizer.build([var])
+    slots = [v for v in optimizer.variables if tuple(v.shape) == (7, 3)]
+    for slot in slots:
+        slot.assign(np.abs(rng.normal(size=(7, 3))).astype("float32"))
+    start, start_slots = var.numpy(), [slot.numpy() for slot in slots]
+    values = rng.normal(size=(3, 3)).astype("float32")
+    optimizer.apply_gradients(
+        [(tf.IndexedSlices(tf.constant(values), tf.constant([4, 1, 4]), tf.constant([7, 3])), var)]
+    )
+    expected, expected_slots = np_lazy_update(
+        name, start, start_slots, np.array([4, 1]), np.stack([values[0] + values[2], values[1]]), 0.1, 1
+    )
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
+    for slot, want in zip(slots, expected_slots):
+        np.testing.assert_allclose(slot.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_optimizers_keep_keras_updates_for_dense_gradients():
+    rng = np.random.default_rng(4)
+    start, grad = rng.normal(size=(5, 3)).astype("float32"), rng.normal(size=(5, 3)).astype("float32")
+    for lazy, plain in (
+        (losses.LazySGD(0.1, momentum=0.9), keras.optimizers.SGD(0.1, momentum=0.9)),
+        (losses.LazyAdam(0.1), keras.optimizers.Adam(0.1)),
+    ):
+        results = []
+        for optimizer in (lazy, plain):
+            var = keras.Variable(start)
+            optimizer.apply_gradients([(tf.constant(grad), var)])
+            results.append(var.numpy())
+        np.testing.assert_array_equal(results[0], results[1])
 
 
 # ---------------------------------------------------------------------------------------------- save / distribute

@@ -38,8 +38,14 @@ def trained(demo_small, tmp_path_factory):
     keras.utils.set_random_seed(0)
     save_dir = tmp_path_factory.mktemp("ckpt")
     tt = train.Train(
-        demo_small["train_dir"], str(save_dir / "tiny.keras"), eval_paths=[demo_small["bin_path"]],
-        basic_model=tiny_basic_model(), batch_size=16, lr_base=0.01, random_status=0, verbose=0,
+        demo_small["train_dir"],
+        str(save_dir / "tiny.keras"),
+        eval_paths=[demo_small["bin_path"]],
+        basic_model=tiny_basic_model(),
+        batch_size=16,
+        lr_base=0.01,
+        random_status=0,
+        verbose=0,
     )
     sch = [
         {"loss": keras.losses.CategoricalCrossentropy(label_smoothing=0.1), "optimizer": "adam", "epoch": 3},
@@ -88,7 +94,9 @@ def test_scheduler_dicts_are_not_mutated(trained):
 
 
 def test_bottleneck_only_freezes_backbone_and_keeps_epoch_counter(demo_small, tmp_path):
-    tt = train.Train(demo_small["train_dir"], str(tmp_path / "bn.keras"), basic_model=tiny_basic_model(), batch_size=16, verbose=0)
+    tt = train.Train(
+        demo_small["train_dir"], str(tmp_path / "bn.keras"), basic_model=tiny_basic_model(), batch_size=16, verbose=0
+    )
     before = [ww.copy() for ww in tt.basic_model.get_weights()]
     sch = [
         {"loss": losses.ArcfaceLoss(scale=16), "optimizer": "adam", "epoch": 1, "bottleneckOnly": True},
@@ -125,7 +133,9 @@ nan_after_six_steps.head_type = "triplet"
 
 def test_nan_loss_stops_cleanly_and_keeps_checkpoint(demo_small, tmp_path):
     nan_after_six_steps.counter = tf.Variable(0, dtype=tf.int64)
-    tt = train.Train(demo_small["train_dir"], str(tmp_path / "nan.keras"), basic_model=tiny_basic_model(), batch_size=32, verbose=0)
+    tt = train.Train(
+        demo_small["train_dir"], str(tmp_path / "nan.keras"), basic_model=tiny_basic_model(), batch_size=32, verbose=0
+    )
     history = tt.train([{"loss": nan_after_six_steps, "optimizer": "sgd", "epoch": 5}, {"loss": "mse", "epoch": 1}], 0)
     assert tt.stop_reason == "nan"
     # 3 steps per epoch: steps 1-6 (epochs 1, 2) are finite, step 7 (epoch 3) is NaN and stops everything

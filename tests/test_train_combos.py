@@ -3,11 +3,11 @@
 import keras
 import numpy as np
 import pytest
+from test_train import tiny_basic_model
 
 import data
 import losses
 import train
-from test_train import tiny_basic_model
 
 EPOCHS = 3
 
@@ -21,19 +21,36 @@ def combo_trainer(demo_small, tmp_path_factory):
     keras.utils.set_random_seed(1)
     save_dir = tmp_path_factory.mktemp("combos")
     return train.Train(
-        demo_small["train_dir"], str(save_dir / "combo.keras"), basic_model=tiny_basic_model(), batch_size=16, lr_base=0.01,
-        lr_decay=0.0, random_status=1, image_per_class=4, verbose=0,
+        demo_small["train_dir"],
+        str(save_dir / "combo.keras"),
+        basic_model=tiny_basic_model(),
+        batch_size=16,
+        lr_base=0.01,
+        lr_decay=0.0,
+        random_status=1,
+        image_per_class=4,
+        verbose=0,
     )
 
 
 STAGES = {
-    "softmax_center": {"loss": keras.losses.CategoricalCrossentropy(label_smoothing=0.1), "centerloss": 0.01, "optimizer": "adam"},
+    "softmax_center": {
+        "loss": keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
+        "centerloss": 0.01,
+        "optimizer": "adam",
+    },
     "scale_softmax": {"loss": losses.scale_softmax},
     "arcface_topk": {"loss": losses.ArcfaceLoss(scale=16), "lossTopK": 3},
     "arcface_triplet": {"loss": losses.ArcfaceLoss(scale=16), "triplet": 1, "alpha": 0.3},
     "triplet_center": {"loss": losses.BatchHardTripletLoss(0.3), "centerloss": 0.01},
     "center_triplet": {"loss": losses.CenterLoss(num_classes=12, emb_shape=32), "triplet": 1, "alpha": 0.25},
-    "arcface_center_triplet": {"loss": losses.ArcfaceLoss(scale=16), "centerloss": 0.1, "triplet": 1, "alpha": 0.2, "lossWeight": 0.5},
+    "arcface_center_triplet": {
+        "loss": losses.ArcfaceLoss(scale=16),
+        "centerloss": 0.1,
+        "triplet": 1,
+        "alpha": 0.2,
+        "lossWeight": 0.5,
+    },
     "batch_all_typed": {"loss": losses.BatchAllTripletLoss(0.3), "type": "triplet"},
     "cosface_optimizer_kept": {"loss": losses.CosFaceLoss(scale=16), "optimizer": None},
 }
@@ -66,8 +83,15 @@ def test_distill_data_adds_distill_output_with_map_layer(demo_small, tmp_path):
     teacher = rng.normal(size=(12, 16)).astype("float32")  # one teacher embedding per class, 16-d vs student 32-d
     embeddings = teacher[listing["image_classes"]] + 0.05 * rng.normal(size=(len(listing["image_classes"]), 16))
     npz = str(tmp_path / "distill.npz")
-    np.savez(npz, image_names=listing["image_names"], image_classes=listing["image_classes"], embeddings=embeddings.astype("float16"))
-    tt = train.Train(npz, str(tmp_path / "distill.keras"), basic_model=tiny_basic_model(), batch_size=16, lr_base=0.01, verbose=0)
+    np.savez(
+        npz,
+        image_names=listing["image_names"],
+        image_classes=listing["image_classes"],
+        embeddings=embeddings.astype("float16"),
+    )
+    tt = train.Train(
+        npz, str(tmp_path / "distill.keras"), basic_model=tiny_basic_model(), batch_size=16, lr_base=0.01, verbose=0
+    )
     history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "distill": 10, "optimizer": "adam", "epoch": EPOCHS}], 0)
     assert tt.model.get_layer("distill_emb_map_layer").kernel.shape == (32, 16)
     assert history["distill_embedding_loss"][-1] < history["distill_embedding_loss"][0]
@@ -94,8 +118,14 @@ def test_continue_from_saved_basic_and_full_models(combo_trainer, demo_small, tm
 def test_mixed_precision_training(demo_small, tmp_path, policy):
     try:
         tt = train.Train(
-            demo_small["train_dir"], str(tmp_path / "mp.keras"), basic_model=tiny_basic_model(), batch_size=16, lr_base=0.01,
-            mixed_precision=policy, steps_per_execution=3, verbose=0,
+            demo_small["train_dir"],
+            str(tmp_path / "mp.keras"),
+            basic_model=tiny_basic_model(),
+            batch_size=16,
+            lr_base=0.01,
+            mixed_precision=policy,
+            steps_per_execution=3,
+            verbose=0,
         )
         history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": "adam", "epoch": 2}], 0)
         compute_dtypes = {layer.dtype_policy.compute_dtype for layer in tt.basic_model.layers[1:-1]}
