@@ -177,7 +177,9 @@ class Train:
                     self.model, basic_model if basic_model is not None else EMBEDDING_LAYER
                 )
                 restored = getattr(self.model, "optimizer", None)
-                self.optimizer = restored if compile and restored is not None else None
+                self.optimizer = restored if compile and restored is not None and restored.built else None
+                if self.optimizer is not None:  # its slots belong to exactly these variables: keep them on resume
+                    self.optimizer._insightface_var_ids = [id(var) for var in self.model.trainable_variables]
                 for layer in self.model.layers[len(self.basic_model.layers) :]:
                     self.heads[layer.name] = layer
             elif isinstance(basic_model, str):
@@ -542,6 +544,8 @@ class Train:
             epochs = int(stage.pop("epoch"))
             skip = min(done, epochs)
             done -= skip
+            if 0 < skip < epochs and self.optimizer is not None:
+                stage["optimizer"] = None  # resuming mid-stage: keep the restored optimizer and its slots
             if skip < epochs:
                 self.train_single_scheduler(
                     epoch=epochs - skip, initial_epoch=initial_epoch + skip, history=history, **stage

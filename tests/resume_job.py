@@ -54,6 +54,8 @@ def main():
         tt._callbacks = lambda *cb_args: keras.callbacks.CallbackList(
             [*original_callbacks(*cb_args).callbacks, KillMidEpoch(args.kill_at_epoch)], model=cb_args[0]
         )
+    if tt.optimizer is not None:
+        print(f"restored optimizer iterations {int(tt.optimizer.iterations.numpy())}", flush=True)
     sch = [{"loss": losses.ArcfaceLoss(scale=16), "centerloss": 0.01, "optimizer": "adam", "epoch": 4}]
     tt.train(sch, 0)
 

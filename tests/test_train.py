@@ -173,6 +173,8 @@ def test_resume_after_sigkill(demo_small, tmp_path):
     resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout.lower()
+    steps_per_epoch = 120 // 16
+    assert f"restored optimizer iterations {2 * steps_per_epoch}" in resumed.stdout  # Adam slots come back too
     assert f"initial centers sum {np.abs(centers_before).sum():.4f}" in resumed.stdout
     with open(tmp_path / "resume_hist.json") as ff:
         hist = json.load(ff)
