@@ -922,7 +922,7 @@ def partial_fc_logits(layer, embeddings, labels, sample_rate, step, seed=0):
     inputs = _float32(embeddings)
     columns = _sub_center_columns(sampled, layer.loss_top_k)
     if getattr(layer, "class_major", False):
-        centers = _l2_normalize(tf.gather(layer.kernel, columns), axis=1)
+        centers = _l2_normalize(_gather_rows(layer.kernel, columns), axis=1)
         center_cosines = tf.matmul(_l2_normalize(inputs, axis=1), centers, transpose_b=True)
     else:
         centers = _l2_normalize(tf.gather(layer.kernel, columns, axis=1), axis=0)
@@ -973,6 +973,14 @@ class PartialFCNormDense(NormDense):
 
 
 # ---------------------------------------------------------------------------------------------- lazy optimizers
+def _gather_rows(variable, indices):
+    """``variable[indices]`` as a sparse read of the resource (``ResourceGather``): gathering from a Keras variable
+    first reads the whole variable, which makes the next scatter into it copy the whole buffer."""
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return tf.gather(variable, indices)
+
+
 def _unique_rows(gradient, dtype):
     """``(row indices, summed row gradients)`` of an ``IndexedSlices`` with every index once: an all-reduce over
     replicas concatenates the rows of each replica, and a scatter with repeated indices would keep only one."""
@@ -996,7 +1004,7 @@ class LazySGD(keras.optimizers.SGD):
             return self.assign_sub(variable, tf.IndexedSlices(grad * lr, indices))
         momentum_var = self.momentums[self._get_variable_index(variable)]
         momentum = tf.cast(self.momentum, variable.dtype)
-        rows = tf.gather(momentum_var, indices) * momentum - grad * lr
+        rows = _gather_rows(momentum_var, indices) * momentum - grad * lr
         self.assign(momentum_var, tf.IndexedSlices(rows, indices))
         step = rows * momentum - grad * lr if self.nesterov else rows
         return self.assign_add(variable, tf.IndexedSlices(step, indices))
@@ -1018,8 +1026,8 @@ class LazyAdam(keras.optimizers.Adam):
         alpha = tf.cast(learning_rate, dtype) * tf.sqrt(1 - beta_2**local_step) / (1 - beta_1**local_step)
         index = self._get_variable_index(variable)
         m_var, v_var = self._momentums[index], self._velocities[index]
-        m_rows = tf.gather(m_var, indices) * beta_1 + grad * (1 - beta_1)
-        v_rows = tf.gather(v_var, indices) * beta_2 + tf.square(grad) * (1 - beta_2)
+        m_rows = _gather_rows(m_var, indices) * beta_1 + grad * (1 - beta_1)
+        v_rows = _gather_rows(v_var, indices) * beta_2 + tf.square(grad) * (1 - beta_2)
         self.assign(m_var, tf.IndexedSlices(m_rows, indices))
         self.assign(v_var, tf.IndexedSlices(v_rows, indices))
         return self.assign_sub(variable, tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), indices))

@@ -228,16 +228,17 @@ class GentlyStop(keras.callbacks.Callback):
         self.require_tty, self.stop_requested = require_tty, False
 
     def _pending_lines(self):
+        """Lines typed since the last check, read from the raw descriptor (Python's buffer would hide lines)."""
         try:
             if self.stream is None or (self.require_tty and not self.stream.isatty()):
                 return []
-            lines = []
-            while select.select([self.stream], [], [], 0)[0]:
-                line = self.stream.readline()
-                if not line:
+            fd, chunks = self.stream.fileno(), []
+            while select.select([fd], [], [], 0)[0]:
+                chunk = os.read(fd, 4096)
+                if not chunk:
                     break
-                lines.append(line)
-            return lines
+                chunks.append(chunk)
+            return b"".join(chunks).decode(errors="ignore").splitlines()
         except (OSError, ValueError):  # closed or non-selectable stream: gentle stop is simply unavailable
             return []
 

@@ -201,3 +201,22 @@ def test_wrap_a_user_dataset():
     assert batches == [[0, 1], [2, 0], [1, 2], [0, 1]]  # repeated, sparse int32 labels
     with pytest.raises(ValueError, match="images, labels"):
         data.TrainDataset.from_dataset(tf.data.Dataset.range(3), classes=3, steps_per_epoch=1)
+
+
+def test_distill_tfrecord_and_npz_give_embedding_targets(demo_small, tmp_path):
+    import data_distiller
+
+    listing = data.pre_process_folder(demo_small["train_dir"], cache_dir=str(tmp_path))
+    teacher = np.random.default_rng(0).normal(size=(12, 6)).astype("float16")  # one embedding per class
+    embeddings = teacher[listing["image_classes"]]
+    record = data_distiller.write_distill_tfrecord(
+        str(tmp_path / "d.tfrecord"), listing["image_names"], listing["image_classes"], embeddings
+    )
+    npz = str(tmp_path / "d.npz")
+    np.savez(npz, image_names=listing["image_names"], image_classes=listing["image_classes"], embeddings=embeddings)
+    for source in (record, npz):
+        ds = data.prepare_dataset(source, batch_size=8, img_shape=(32, 32), cache_dir=str(tmp_path))
+        assert ds.embedding_dim == 6 and ds.classes == 12 and ds.num_images == 120
+        _, targets = next(iter(ds.dataset))
+        expected = teacher.astype("float32")[targets["label"].numpy()]
+        np.testing.assert_array_equal(targets["embedding"].numpy(), expected)
