@@ -287,8 +287,8 @@ def data_distiller(
         "chunk_size": chunk_size,
         "use_fp16": use_fp16,
         "emb_dim": int(emb_dim),
+        "names_hash": data.hash_strings([str(name) for name in image_names]),
     }
-    signature["names_hash"] = data.hash_strings([str(name) for name in image_names])
     _prepare_parts_dir(parts_dir, signature)
 
     from tqdm import tqdm

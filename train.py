@@ -77,6 +77,20 @@ def _is_chief(strategy):
     )
 
 
+def _partial_fc_head(model, specs):
+    """The ``PartialFCNormDense`` head of ``model`` when the arcface output trains with Partial FC, else None."""
+    if "arcface" not in specs:
+        return None
+    head = model.get_layer("arcface")
+    return head if isinstance(head, losses.PartialFCNormDense) and head.sample_rate < 1 else None
+
+
+def _lazy_optimizer(optimizer):
+    """Partial FC: SGD/Adam that update only the sampled rows and their slots (Keras' own touch every row)."""
+    lazy = {keras.optimizers.SGD: losses.LazySGD, keras.optimizers.Adam: losses.LazyAdam}.get(type(optimizer))
+    return optimizer if lazy is None else lazy.from_config(optimizer.get_config())
+
+
 class Train:
     """Multi-stage face-recognition trainer; see the README for every argument and scheduler key."""
 
@@ -106,6 +120,7 @@ class Train:
         steps_per_execution=1,
         jit_compile=False,
         mixed_precision=None,
+        partial_fc_rate=1.0,
         resume=True,
         cache_dir=None,
         eval_batch_size=128,
@@ -148,6 +163,11 @@ class Train:
             seed=seed,
         )
         self.image_per_class = image_per_class
+        if not 0 < partial_fc_rate <= 1:
+            raise ValueError(f"partial_fc_rate must be in (0, 1], got {partial_fc_rate}")
+        if partial_fc_rate < 1 and mixup_alpha > 0:
+            raise ValueError("partial_fc_rate < 1 does not support mixup_alpha > 0")
+        self.partial_fc_rate = partial_fc_rate
         self.resume = resume
         self.optimizer, self.model, self.heads = None, None, {}
         self.center_loss, self.stop_reason = None, None
@@ -247,16 +267,17 @@ class Train:
         outputs = {}
         if head_type == "arcface":
             append_norm = getattr(loss, "append_norm", False)
-            outputs["arcface"] = self._head_layer(
-                "arcface",
-                lambda: losses.NormDense(
+            head_kwargs = dict(loss_top_k=loss_top_k, append_norm=append_norm, name="arcface")
+            if self.partial_fc_rate < 1:  # only the sampled centers are computed and updated in training steps
+                make_head = lambda: losses.PartialFCNormDense(  # noqa: E731
                     self.classes,
-                    self._output_regularizer(),
-                    loss_top_k=loss_top_k,
-                    append_norm=append_norm,
-                    name="arcface",
-                ),
-            )(embedding)
+                    sample_rate=self.partial_fc_rate,
+                    kernel_regularizer=self._output_regularizer(),
+                    **head_kwargs,
+                )
+            else:
+                make_head = lambda: losses.NormDense(self.classes, self._output_regularizer(), **head_kwargs)  # noqa: E731
+            outputs["arcface"] = self._head_layer("arcface", make_head)(embedding)
         elif head_type == "softmax":
             activation = "linear" if getattr(loss, "from_logits", False) else "softmax"
             outputs["softmax"] = self._head_layer(
@@ -327,6 +348,8 @@ class Train:
             optimizer = self.optimizer if self.optimizer is not None else "adam"
         if isinstance(optimizer, str):
             optimizer = keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": self.lr_base}})
+        if self.partial_fc_rate < 1:
+            optimizer = _lazy_optimizer(optimizer)
         if keras.mixed_precision.global_policy().name == "mixed_float16" and not isinstance(
             optimizer, keras.optimizers.LossScaleOptimizer
         ):
@@ -347,12 +370,12 @@ class Train:
         strategy, replicas = self.strategy, self.num_replicas
         trainable = model.trainable_variables
         classes = self.classes
-        log_keys = (
-            ["loss", "regular_loss"]
-            + [name + "_loss" for name in specs]
-            + (["accuracy"] if self._acc_output(specs) else [])
-        )
+        partial_head = _partial_fc_head(model, specs)
+        if partial_head is not None:  # run everything but the full cosine head; it is computed on sampled classes
+            step_outputs = {key: value for key, value in model.output.items() if key != "arcface"}
+            model = keras.Model(model.inputs, dict(step_outputs, partial_fc_embedding=partial_head.input))
         acc_output = self._acc_output(specs)
+        log_keys = ["loss", "regular_loss"] + [name + "_loss" for name in specs] + (["accuracy"] if acc_output else [])
         reductions = {key: "MEAN" if key == "accuracy" else "SUM" for key in log_keys}  # losses are pre-divided
 
         def replica_loss(fn, y_true, prediction, sample_weight=None):
@@ -379,6 +402,11 @@ class Train:
         def replica_step(images, targets):
             with tf.GradientTape() as tape:
                 outputs = model(images, training=True)
+                if partial_head is not None:
+                    cosines, sampled_labels = partial_head.partial_call(
+                        outputs.pop("partial_fc_embedding"), targets["label"], optimizer.iterations
+                    )
+                    outputs["arcface"], targets = cosines, dict(targets, label=sampled_labels)
                 logs = {name + "_loss": loss_value(spec, targets, outputs[name]) for name, spec in specs.items()}
                 total = tf.add_n([specs[name].weight * logs[name + "_loss"] for name in specs])
                 regular = (

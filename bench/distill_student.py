@@ -28,7 +28,7 @@ def _basic_model(image_size, bn_momentum, emb_shape=128):
     )
 
 
-def _trainer(data_path, save_path, basic_model, args):
+def _trainer(data_path, save_path, basic_model, args, epochs):
     import train
 
     return train.Train(
@@ -38,7 +38,7 @@ def _trainer(data_path, save_path, basic_model, args):
         batch_size=args.batch_size,
         lr_base=0.002,
         lr_decay=0.5,
-        lr_decay_steps=args.epochs,
+        lr_decay_steps=epochs,
         lr_min=1e-5,
         random_status=0,
         resume=False,
@@ -101,7 +101,7 @@ def main(argv=None):
     if not teacher_reused:  # a finished teacher is reused when the bench is re-run
         teacher_model = _basic_model(args.image_size, args.bn_momentum)
         teacher_trainer = _trainer(
-            paths["train_dir"], os.path.join(args.work_dir, "teacher.keras"), teacher_model, args
+            paths["train_dir"], os.path.join(args.work_dir, "teacher.keras"), teacher_model, args, args.epochs
         )
         optimizer = keras.optimizers.AdamW(0.002, weight_decay=5e-4)
         teacher_trainer.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": optimizer, "epoch": args.epochs}], 0)
@@ -121,7 +121,11 @@ def main(argv=None):
     emb16 = np.stack([emb for _, _, emb in data_distiller.read_distill_tfrecord(fp16)[0].as_numpy_iterator()])
 
     student_trainer = _trainer(
-        fp16, os.path.join(args.work_dir, "student.keras"), _basic_model(args.image_size, args.bn_momentum), args
+        fp16,
+        os.path.join(args.work_dir, "student.keras"),
+        _basic_model(args.image_size, args.bn_momentum),
+        args,
+        args.student_epochs,
     )
     optimizer = keras.optimizers.AdamW(0.002, weight_decay=5e-4)
     student_trainer.train(

@@ -136,3 +136,36 @@ def test_mixed_precision_training(demo_small, tmp_path, policy):
             assert isinstance(tt.optimizer, keras.optimizers.LossScaleOptimizer)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_partial_fc_training(demo_small, tmp_path):
+    tt = train.Train(
+        demo_small["train_dir"],
+        str(tmp_path / "pfc.keras"),
+        eval_paths=[demo_small["bin_path"]],
+        basic_model=tiny_basic_model(),
+        batch_size=16,
+        lr_base=0.05,
+        partial_fc_rate=0.5,
+        verbose=0,
+    )
+
+    def kernel():
+        return tt.model.get_layer("arcface").kernel.numpy().copy()
+
+    history = tt.train(
+        [{"loss": losses.ArcfaceLoss(scale=16), "optimizer": keras.optimizers.SGD(0.05, momentum=0.9), "epoch": 1}], 0
+    )
+    before = kernel()
+    history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "epoch": EPOCHS}], 1)
+    assert isinstance(tt.model.get_layer("arcface"), losses.PartialFCNormDense)
+    assert isinstance(tt.optimizer, losses.LazySGD)
+    assert np.isfinite(history["loss"]).all() and history["loss"][-1] < history["loss"][1]
+    assert not np.array_equal(before, kernel())
+    reloaded = keras.models.load_model(tt.save_path)
+    images = np.zeros((2, 32, 32, 3), "float32")
+    assert reloaded(images)["arcface"].shape == (2, 12)  # inference uses the full head
+    with pytest.raises(ValueError, match="partial_fc_rate"):
+        train.Train(
+            demo_small["train_dir"], str(tmp_path / "x.keras"), basic_model=tiny_basic_model(), partial_fc_rate=0
+        )
