@@ -1,6 +1,6 @@
 """Parameter counts of built-in basic models at 112x112 (no forward pass); prints one JSON line.
 
-python bench/bench_models.py          # the figures quoted in docs/models.md
+python bench/bench_models.py          # the figures quoted in the README (Models section)
 python bench/bench_models.py --all    # every name of models.BUILDIN_MODELS with a GDC-512 head
 """
 
