@@ -54,33 +54,6 @@ def r18_model():
     return models.buildin_models("r18", emb_shape=16, input_shape=SMALL, output_layer="E")
 
 
-# Deep variants of families whose code path a smaller sibling already covers: building each takes 5-40 s on the
-# 2-core CI machine, so they run only with MODELS_TEST_FULL_ZOO=1 (r50 / r100 are built in the count test).
-HEAVY_NAMES = {
-    "r50",
-    "se_r34",
-    "se_r50",
-    "resnet50v2",
-    "efficientnetb1",
-    "efficientnetb2",
-    "r100",
-    "r101",
-    "se_r100",
-    "se_r101",
-    "resnet101",
-    "resnet101v2",
-    "resnet152",
-    "resnet152v2",
-    "efficientnetb3",
-    "efficientnetb4",
-    "efficientnetb5",
-    "efficientnetb6",
-    "efficientnetb7",
-    "resnest101",
-}
-FULL_ZOO = os.environ.get("MODELS_TEST_FULL_ZOO") == "1"
-
-
 def _check_embedding(model, images, emb_shape):
     out = model(images, training=False)
     assert model.layers[-1].name == "embedding"
@@ -91,14 +64,8 @@ def _check_embedding(model, images, emb_shape):
 
 @pytest.mark.parametrize("name", models.buildin_model_names())
 def test_every_buildin_name_builds(name):
-    if name in HEAVY_NAMES and not FULL_ZOO:
-        pytest.skip("deep variant: set MODELS_TEST_FULL_ZOO=1")
     model = models.buildin_models(name, emb_shape=8, input_shape=SMALL, output_layer="GDC")
     _check_embedding(model, IMAGES, 8)
-
-
-def test_heavy_names_are_buildin_names():
-    assert HEAVY_NAMES <= set(models.buildin_model_names())
 
 
 def test_print_buildin_models_lists_every_name(capsys):

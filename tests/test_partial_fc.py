@@ -190,20 +190,6 @@ def test_lazy_keras_optimizers_update_only_sampled_centers_and_slots(batch, name
         assert set(rows) <= set(sampled) and set(batch[1]) <= set(rows)
 
 
-@pytest.mark.parametrize("optimizer", [keras.optimizers.SGD(0.1, momentum=0.9), keras.optimizers.Adam(0.01)])
-def test_momentum_optimizers_decay_unsampled_slots_as_a_zero_gradient(batch, optimizer):
-    """Keras 3 SGD with momentum and Adam densify an ``IndexedSlices`` gradient: centers sampled in step 0 but
-    not in step 1 still move in step 1 (momentum), as with a zero gradient; hence ``LazySGD`` / ``LazyAdam``."""
-    sampled, changed = _two_steps(optimizer, *batch)
-    first = losses.partial_fc_sample(batch[1], CLASSES, 0.25, 0)[0].numpy()
-    only_first = set(first) - set(sampled)
-    assert only_first
-    kernel_rows, *slot_rows = (set(rows) for rows in changed)
-    assert kernel_rows <= set(first) | set(sampled) and kernel_rows & only_first  # some unsampled centers moved
-    for rows in slot_rows:
-        assert only_first <= rows <= set(first) | set(sampled)
-
-
 @pytest.mark.parametrize("optimizer", [losses.LazySGD(0.1, momentum=0.9), losses.LazyAdam(0.01)])
 def test_lazy_optimizers_update_only_sampled_centers_and_slots(batch, optimizer):
     sampled, changed = _two_steps(optimizer, *batch)
