@@ -599,7 +599,7 @@ class CenterSaver(keras.callbacks.Callback):
 
 
 # ---------------------------------------------------------------------------------------------------- demo
-def run_demo(data_dir="datasets/demo", epochs=8, batch_size=64, image_size=48, seed=0):
+def run_demo(data_dir="datasets/demo", epochs=8, batch_size=64, seed=0):
     """The README's main job: build the demo dataset, train MobileFaceNet with ArcFace, print verification accuracy.
 
     Sized to finish in a few minutes on a 2-core CPU: 150 identities x 20 images of 48x48 pixels.
@@ -607,9 +607,8 @@ def run_demo(data_dir="datasets/demo", epochs=8, batch_size=64, image_size=48, s
     import demo_data
 
     keras.utils.set_random_seed(seed)
-    paths = demo_data.make_demo_dataset(
-        data_dir, num_classes=150, images_per_class=20, image_size=image_size, seed=seed
-    )
+    paths = demo_data.make_demo_dataset(data_dir, seed=seed, **demo_data.DEMO_JOB)
+    image_size = demo_data.DEMO_JOB["image_size"]
     basic_model = models.buildin_models(
         "mobilefacenet",
         dropout=0,
