@@ -13,7 +13,6 @@ import numpy as np
 from data import encode_jpeg, write_bin
 from utils import atomic_write
 
-
 # The README main job's dataset (train.run_demo): small enough to train in minutes on a 2-core CPU.
 DEMO_JOB = {"num_classes": 150, "images_per_class": 20, "image_size": 48}
 

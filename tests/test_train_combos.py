@@ -169,3 +169,18 @@ def test_partial_fc_training(demo_small, tmp_path):
         train.Train(
             demo_small["train_dir"], str(tmp_path / "x.keras"), basic_model=tiny_basic_model(), partial_fc_rate=0
         )
+
+
+def test_reset_dataset_rebuilds_the_head_for_new_classes(demo_small, tmp_path):
+    tt = train.Train(
+        demo_small["train_dir"], str(tmp_path / "reset.keras"), basic_model=tiny_basic_model(), batch_size=16, verbose=0
+    )
+    tt.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": "adam", "epoch": 1}], 0)
+    listing = data.pre_process_folder(demo_small["train_dir"], cache_dir=str(tmp_path))
+    keep = listing["image_classes"] < 5  # e.g. a cleaned dataset with fewer classes
+    subset = str(tmp_path / "subset.npz")
+    np.savez(subset, image_names=listing["image_names"][keep], image_classes=listing["image_classes"][keep])
+    tt.reset_dataset(subset)
+    assert tt.classes == 5 and tt.steps_per_epoch == 50 // 16
+    history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "epoch": 1}], 1)
+    assert tt.model.get_layer("arcface").kernel.shape == (32, 5) and len(history["loss"]) == 2
