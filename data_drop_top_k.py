@@ -18,8 +18,8 @@ from utils import atomic_write
 
 
 def find_norm_dense(model):
-    """The model's ``NormDense`` head (the last one if several)."""
-    heads = [layer for layer in model.layers if type(layer).__name__ == "NormDense"]
+    """The model's ``NormDense`` (or ``PartialFCNormDense``) head, the last one if several."""
+    heads = [layer for layer in model.layers if type(layer).__name__ in ("NormDense", "PartialFCNormDense")]
     if not heads:
         raise ValueError(
             f"model {model.name!r} has no NormDense layer: pass the full training model, not the basic model"
@@ -66,6 +66,8 @@ def data_drop_top_k(model, data_path, dest_file=None, deg_thresh=75, limit=0, ba
     head = find_norm_dense(model)
     basic_model = keras.Model(model.inputs[0], head.input)
     kernel, top_k = keras.ops.convert_to_numpy(head.kernel), head.loss_top_k
+    if type(head).__name__ == "PartialFCNormDense":  # stored class-major as (classes * K, emb)
+        kernel = kernel.T
 
     content = data.pre_process_folder(os.fspath(data_path))
     image_names, image_classes = (

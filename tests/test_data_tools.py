@@ -380,3 +380,23 @@ def _basic(model):
     import keras
 
     return keras.Model(model.inputs[0], model.get_layer("embedding").output)
+
+
+def test_drop_top_k_accepts_a_partial_fc_head(sub_center_setup, tmp_path):
+    """A ``PartialFCNormDense`` head stores the same centers transposed; the cleaning result must not change."""
+    import keras
+
+    import losses
+
+    root, model = sub_center_setup
+    inputs = keras.Input((8, 8, 3))
+    embedding = keras.layers.GlobalAveragePooling2D(name="embedding")(inputs)
+    head = losses.PartialFCNormDense(4, sample_rate=0.5, loss_top_k=2, name="arcface")
+    partial_model = keras.Model(inputs, head(embedding))
+    head.kernel.assign(keras.ops.convert_to_numpy(model.get_layer("NormDense").kernel).T)
+    results = []
+    for mm, name in ((model, "full.npz"), (partial_model, "partial.npz")):
+        dest = data_drop_top_k.data_drop_top_k(mm, root, str(tmp_path / name), deg_thresh=75, batch_size=4)
+        with np.load(dest, allow_pickle=False) as content:
+            results.append(sorted(zip(content["image_names"].tolist(), content["image_classes"].tolist())))
+    assert results[0] == results[1] and len(results[0]) == 10  # 5 + 3 + 0 + 2 kept at 75 degrees (IMAGES)
