@@ -168,7 +168,6 @@ class Train:
         if partial_fc_rate < 1 and mixup_alpha > 0:
             raise ValueError("partial_fc_rate < 1 does not support mixup_alpha > 0")
         self.partial_fc_rate = partial_fc_rate
-        self.resume = resume
         self.optimizer, self.model, self.heads = None, None, {}
         self.center_loss, self.stop_reason = None, None
         self._datasets = {}
