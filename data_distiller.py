@@ -40,13 +40,19 @@ def _spatial_size(shape, default=(112, 112)):
 
 
 def _keras_teacher(model, scale):
+    import tensorflow as tf
+
     import data
 
-    def infer(images):
-        outputs = model(data.normalize_image(images, scale), training=False)
-        return (outputs[0] if isinstance(outputs, list | tuple) else outputs).numpy()
+    img_shape = _spatial_size(model.inputs[0].shape[1:3])
 
-    return Teacher(infer, _spatial_size(model.inputs[0].shape[1:3]))
+    # A traced graph: calling a functional model eagerly dispatches every layer from Python (several times slower).
+    @tf.function(input_signature=[tf.TensorSpec([None, *img_shape, 3], tf.float32)])
+    def embed(images):
+        outputs = model(data.normalize_image(images, scale), training=False)
+        return outputs[0] if isinstance(outputs, list | tuple) else outputs
+
+    return Teacher(lambda images: embed(images).numpy(), img_shape)
 
 
 def _onnx_teacher(path, scale):
