@@ -3,9 +3,11 @@
 fp16 TFRecords), train a fresh student with the distill loss only, and report the mean cosine between student and
 teacher embeddings on held-out images of unseen identities (acceptance: >= 0.9). Prints one JSON line.
 
-The student's data can be a second, larger demo set (``--distill_classes``/``--distill_images``, other identities
-drawn with another seed): distillation needs no labels, and more distinct images is what makes the student follow
-the teacher on faces neither has seen.
+The defaults are the measured passing setting (about 32 minutes on a 2-core CPU). What matters most is the
+teacher: one trained on 150 identities for 8 epochs gives images of one person a mean cosine of only 0.38 (its
+embedding still follows pose, light and noise), and a student reaches 0.73-0.79 on it; a teacher trained on 600
+identities for 10 epochs (same-person cosine 0.75) is followed at 0.94. ``teacher_same_identity_cosine`` reports
+that figure.
 """
 
 import argparse
@@ -52,17 +54,19 @@ def _trainer(data_path, save_path, basic_model, args, epochs, lr_base=0.002):
 
 
 def held_out_images(bin_path, image_size):
-    """Unique images of the demo verification bin (identities unseen in training), float32 0..255."""
+    """Unique images of the demo verification bin (identities unseen in training), float32 0..255, and the index
+    pairs ``(a, b)`` of its same-identity pairs into them."""
     import io
 
     from PIL import Image
 
     import data
 
-    bins, _ = data.load_bin(bin_path)
-    unique = list(dict.fromkeys(bins))
-    images = [Image.open(io.BytesIO(payload)).convert("RGB").resize((image_size, image_size)) for payload in unique]
-    return np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    bins, issame = data.load_bin(bin_path)
+    index = {payload: position for position, payload in enumerate(dict.fromkeys(bins))}
+    images = [Image.open(io.BytesIO(payload)).convert("RGB").resize((image_size, image_size)) for payload in index]
+    same_pairs = np.array([(index[bins[2 * ii]], index[bins[2 * ii + 1]]) for ii, same in enumerate(issame) if same])
+    return np.stack([np.asarray(image, dtype=np.float32) for image in images]), same_pairs
 
 
 def l2n(embeddings):
@@ -72,14 +76,12 @@ def l2n(embeddings):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work_dir", default="datasets/bench_distill")
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--images", type=int, default=30)
-    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=600)
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--image_size", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=10, help="teacher epochs")
-    parser.add_argument("--student_epochs", type=int, default=10)
-    parser.add_argument("--distill_classes", type=int, default=0, help="0: distill on the teacher's training set")
-    parser.add_argument("--distill_images", type=int, default=20, help="images per class of the distill set")
-    parser.add_argument("--student_lr", type=float, default=0.002, help="AdamW learning rate of the student")
+    parser.add_argument("--student_epochs", type=int, default=12)
+    parser.add_argument("--student_lr", type=float, default=0.006, help="AdamW learning rate of the student")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -114,20 +116,11 @@ def main(argv=None):
         teacher_trainer.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": optimizer, "epoch": args.epochs}], 0)
         teacher_trainer.basic_model.save(teacher_file)
 
-    distill_dir = paths["train_dir"]
-    if args.distill_classes:
-        distill_dir = demo_data.make_demo_dataset(
-            os.path.join(args.work_dir, "distill_demo"),
-            num_classes=args.distill_classes,
-            images_per_class=args.distill_images,
-            image_size=args.image_size,
-            seed=args.seed + 1,
-        )["train_dir"]
     fp32 = data_distiller.data_distiller(
-        distill_dir, teacher_file, os.path.join(args.work_dir, "embs_fp32.tfrecord"), batch_size=128
+        paths["train_dir"], teacher_file, os.path.join(args.work_dir, "embs_fp32.tfrecord"), batch_size=128
     )
     fp16 = data_distiller.data_distiller(
-        distill_dir,
+        paths["train_dir"],
         teacher_file,
         os.path.join(args.work_dir, "embs_fp16.tfrecord"),
         batch_size=128,
@@ -149,7 +142,8 @@ def main(argv=None):
         [{"loss": losses.distiller_loss_cosine, "optimizer": optimizer, "epoch": args.student_epochs}], 0
     )
 
-    images = data.normalize_image(held_out_images(paths["bin_path"], args.image_size))
+    images, same_pairs = held_out_images(paths["bin_path"], args.image_size)
+    images, (aa, bb) = data.normalize_image(images), same_pairs.T
     teacher = data_distiller.load_keras_model(teacher_file)
     teacher_emb = l2n(np.asarray(teacher.predict(images, verbose=0)))
     student_emb = l2n(np.asarray(student_trainer.basic_model.predict(images, verbose=0)))
@@ -169,6 +163,7 @@ def main(argv=None):
         "teacher_reused": teacher_reused,  # then its epochs / bn_momentum are those of the earlier run
         "classes": args.classes,
         "distill_images": len(emb32),
+        "teacher_same_identity_cosine": round(float(np.mean(np.sum(teacher_emb[aa] * teacher_emb[bb], axis=1))), 4),
         "image_size": args.image_size,
         "seconds": round(time.time() - start, 1),
     }
