@@ -382,13 +382,19 @@ def decode_image(path_or_bytes, img_shape=(112, 112), is_path=True):
     return tf.cond(size_ok, lambda: image, lambda: tf.image.resize(image, img_shape))
 
 
-def _triplet_index_dataset(image_classes, image_per_class, seed=None):
-    """Infinite dataset of image indices laid out as P classes x K images, classes reshuffled each epoch."""
+def _triplet_index_dataset(image_classes, image_per_class, seed=None, shard=None):
+    """Infinite dataset of image indices laid out as P classes x K images, classes reshuffled each epoch.
+
+    ``shard=(num_shards, index)`` keeps every ``num_shards``-th class, so P x K groups stay whole.
+    """
     import tensorflow as tf
 
     order = np.argsort(image_classes, kind="stable")
     classes, starts, counts = np.unique(image_classes[order], return_index=True, return_counts=True)
     order, starts, counts = tf.constant(order), tf.constant(starts), tf.constant(counts)
+    class_ids = tf.data.Dataset.range(len(classes))
+    if shard is not None:
+        class_ids = class_ids.shard(*shard)
 
     def sample(class_index):
         count = counts[class_index]
@@ -396,7 +402,7 @@ def _triplet_index_dataset(image_classes, image_per_class, seed=None):
         picks = tf.random.shuffle(tf.tile(tf.range(count), [repeats]))[:image_per_class]
         return tf.gather(order, starts[class_index] + picks)
 
-    ds = tf.data.Dataset.range(len(classes)).shuffle(len(classes), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = class_ids.shuffle(len(classes), seed=seed, reshuffle_each_iteration=True).repeat()
     return ds.map(sample).unbatch()
 
 
@@ -412,11 +418,15 @@ def prepare_dataset(
     cache_dir=None,
     verify_images=False,
     seed=None,
+    shard=None,
 ):
     """Build the training :class:`TrainDataset` from a class folder, an image-list npz or a distill TFRecord.
 
     ``image_per_class > 0`` makes triplet batches (P identities x K images). Decoding and augmentation run in
     parallel; unreadable images are skipped with a logged warning instead of stopping the epoch.
+    ``shard=(num_shards, index)`` keeps one worker's share of the images (of the identities for triplet batches)
+    before anything is decoded; ``classes`` and ``num_images`` still describe the whole dataset, ``steps_per_epoch``
+    is the shard's.
     """
     import tensorflow as tf
 
@@ -428,6 +438,7 @@ def prepare_dataset(
         records, header = data_distiller.read_distill_tfrecord(data_path)
         image_classes = None
         num_images, classes, embedding_dim = header["total"], header["classes"], header["emb_shape"]
+        records = records if shard is None else records.shard(*shard)
         ds = records.shuffle(min(num_images, 100_000), seed=seed, reshuffle_each_iteration=True).repeat()
     else:
         content = pre_process_folder(data_path, cache_dir=cache_dir, verify_images=verify_images)
@@ -436,11 +447,12 @@ def prepare_dataset(
         num_images, classes = len(image_names), int(image_classes.max()) + 1
         embedding_dim = 0 if embeddings is None else embeddings.shape[-1]
         if image_per_class > 0:
-            indices = _triplet_index_dataset(image_classes, image_per_class, seed=seed)
+            indices = _triplet_index_dataset(image_classes, image_per_class, seed=seed, shard=shard)
             ds = indices.map(lambda ii: (tf.gather(image_names, ii), tf.gather(image_classes, ii)))
         else:
             slices = (image_names, image_classes) if embeddings is None else (image_names, image_classes, embeddings)
             ds = tf.data.Dataset.from_tensor_slices(slices)
+            ds = ds if shard is None else ds.shard(*shard)
             ds = ds.shuffle(num_images, seed=seed, reshuffle_each_iteration=True).repeat()
 
     def load(name, label, embedding=None):
@@ -461,7 +473,7 @@ def prepare_dataset(
     if mixup_alpha > 0:
         ds = ds.map(lambda images, targets: mixup(images, targets, mixup_alpha), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    steps_per_epoch = max(1, num_images // batch_size)
+    steps_per_epoch = max(1, num_images // (batch_size * (1 if shard is None else shard[0])))
     return TrainDataset(ds, steps_per_epoch, classes, num_images, embedding_dim)
 
 

@@ -67,6 +67,15 @@ def _task_id(strategy):
     return getattr(resolver, "task_id", 0) or 0
 
 
+def _num_workers(strategy):
+    """Processes taking part in a multi-worker strategy (1 for single-machine strategies)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    cluster = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(cluster.get(job, ())) for job in ("chief", "worker")))
+
+
 def _is_chief(strategy):
     """True unless this process is a non-chief worker of a multi-worker strategy (worker 0 is the chief)."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -232,14 +241,31 @@ class Train:
             if isinstance(self.data_path, data.TrainDataset):
                 self._datasets[image_per_class] = self.data_path
             else:
-                self._datasets[image_per_class] = data.prepare_dataset(
-                    self.data_path,
-                    batch_size=self.global_batch_size,
-                    img_shape=self.img_shape,
-                    image_per_class=image_per_class,
-                    **self.data_kwargs,
-                )
+                self._datasets[image_per_class] = self._prepare_dataset(self.global_batch_size, image_per_class)
         return self._datasets[image_per_class]
+
+    def _prepare_dataset(self, batch_size, image_per_class, shard=None):
+        return data.prepare_dataset(
+            self.data_path,
+            batch_size=batch_size,
+            img_shape=self.img_shape,
+            image_per_class=image_per_class,
+            shard=shard,
+            **self.data_kwargs,
+        )
+
+    def _distribute(self, train_ds, image_per_class):
+        """The per-replica input. Several workers each read and decode only their own shard of the files; a single
+        pipeline over all of them (tf.distribute's auto-sharding) would decode everything on every worker."""
+        if _num_workers(self.strategy) == 1 or isinstance(self.data_path, data.TrainDataset):
+            return self.strategy.experimental_distribute_dataset(train_ds.dataset)
+
+        def worker_dataset(context):
+            batch_size = context.get_per_replica_batch_size(self.global_batch_size)
+            shard = (context.num_input_pipelines, context.input_pipeline_id)
+            return self._prepare_dataset(batch_size, image_per_class, shard).dataset
+
+        return self.strategy.distribute_datasets_from_function(worker_dataset)
 
     def _output_regularizer(self):
         """``output_weight_decay``: 0 none, (0, 1) that value, >= 1 a multiplier of the basic model's L2 (SPEC §7)."""
@@ -513,7 +539,7 @@ class Train:
         history = history or self.history
         callbacks = self._callbacks(model, history, center_loss)
         run_steps = self._make_step_fn(model, specs, optimizer)
-        iterator = iter(self.strategy.experimental_distribute_dataset(train_ds.dataset))
+        iterator = iter(self._distribute(train_ds, image_per_class if triplet_data else 0))
         self._fit(model, run_steps, iterator, callbacks, initial_epoch, initial_epoch + epoch, train_ds.steps_per_epoch)
         self.basic_model.trainable = True
 

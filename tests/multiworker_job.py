@@ -41,6 +41,13 @@ trainable = float(sum(np.abs(ww.numpy()).sum() for ww in tt.model.trainable_weig
 moving = float(sum(np.abs(ww.numpy()).sum() for ww in tt.model.non_trainable_weights))
 print(
     json.dumps(
-        {"index": int(index), "loss": history["loss"], "trainable": trainable, "moving": moving, "chief": tt.is_chief}
+        {
+            "index": int(index),
+            "loss": history["loss"],
+            "trainable": trainable,
+            "moving": moving,
+            "chief": tt.is_chief,
+            "workers": train._num_workers(strategy),  # 2: each worker reads its own shard of the files
+        }
     )
 )

@@ -220,3 +220,46 @@ def test_distill_tfrecord_and_npz_give_embedding_targets(demo_small, tmp_path):
         _, targets = next(iter(ds.dataset))
         expected = teacher.astype("float32")[targets["label"].numpy()]
         np.testing.assert_array_equal(targets["embedding"].numpy(), expected)
+
+
+def _constant_image_folder(root, num_classes, per_class, size=8):
+    """Class folders of lossless single-colour images; image k (class-major) has intensity 10 * k + 5."""
+    for class_id in range(num_classes):
+        os.makedirs(os.path.join(root, str(class_id)))
+        for ii in range(per_class):
+            value = 10 * (class_id * per_class + ii) + 5
+            Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(
+                os.path.join(root, str(class_id), f"{ii}.png")
+            )
+    return root
+
+
+def _pixels_and_labels(dataset, batches):
+    """First pixel intensity (0..255) and label of every image in the first ``batches`` batches."""
+    pixels, labels = [], []
+    for images, targets in dataset.take(batches):
+        pixels += np.rint(images.numpy()[:, 0, 0, 0] / data.SEEDS_SCALE + 127.5).astype(int).tolist()
+        labels += targets["label"].numpy().tolist()
+    return pixels, labels
+
+
+def test_shards_split_the_images_before_decoding(tmp_path):
+    root = _constant_image_folder(str(tmp_path / "ds"), num_classes=4, per_class=3)
+    kwargs = dict(batch_size=2, img_shape=(8, 8), random_status=-1, cache_dir=str(tmp_path / "cache"), seed=1)
+    shards = [data.prepare_dataset(root, shard=(2, index), **kwargs) for index in range(2)]
+    assert [ds.steps_per_epoch for ds in shards] == [3, 3] and shards[0].num_images == 12 and shards[0].classes == 4
+    seen = [_pixels_and_labels(ds.dataset, 3) for ds in shards]  # one epoch of each shard: 6 images
+    first, second = (set(pixels) for pixels, _ in seen)
+    assert len(first) == 6 and len(second) == 6 and not first & second
+    assert first | second == {10 * kk + 5 for kk in range(12)}
+    for pixels, labels in seen:
+        assert labels == [(pixel - 5) // 10 // 3 for pixel in pixels]  # each image keeps its class
+
+
+def test_triplet_shards_split_identities(tmp_path):
+    root = _constant_image_folder(str(tmp_path / "ds"), num_classes=4, per_class=3)
+    kwargs = dict(batch_size=6, img_shape=(8, 8), random_status=-1, image_per_class=3, cache_dir=str(tmp_path / "c"))
+    labels = [
+        set(_pixels_and_labels(data.prepare_dataset(root, shard=(2, ii), **kwargs).dataset, 4)[1]) for ii in (0, 1)
+    ]
+    assert len(labels[0]) == 2 and len(labels[1]) == 2 and labels[0] | labels[1] == {0, 1, 2, 3}

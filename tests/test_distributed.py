@@ -69,7 +69,7 @@ def test_two_worker_multiworker_epoch(demo_small, tmp_path):
         for proc in procs:
             proc.kill()
     chief, other = sorted(outputs, key=lambda row: row["index"])
-    assert chief["chief"] and not other["chief"]
+    assert chief["chief"] and not other["chief"] and chief["workers"] == other["workers"] == 2
     assert chief["loss"] == pytest.approx(other["loss"]) and len(chief["loss"]) == 1
     assert chief["trainable"] == pytest.approx(other["trainable"], rel=1e-6)  # workers stay in sync
     assert os.path.exists(tmp_path / "mw.keras") and os.path.exists(tmp_path / "mw_hist.json")
