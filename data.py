@@ -469,6 +469,12 @@ def prepare_dataset(
         batch_size = max(image_per_class, batch_size // image_per_class * image_per_class)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=image_per_class > 0)
     ds = ds.ignore_errors(log_warning=True)
+    if image_per_class > 0:  # regroup by label, so a skipped unreadable image cannot shift the P x K layout
+        ds = ds.group_by_window(
+            key_func=lambda image, targets: tf.cast(targets["label"], tf.int64),
+            reduce_func=lambda key, window: window.batch(image_per_class),
+            window_size=image_per_class,
+        ).unbatch()
     ds = ds.batch(batch_size, drop_remainder=True)
     if mixup_alpha > 0:
         ds = ds.map(lambda images, targets: mixup(images, targets, mixup_alpha), num_parallel_calls=tf.data.AUTOTUNE)

@@ -263,3 +263,15 @@ def test_triplet_shards_split_identities(tmp_path):
         set(_pixels_and_labels(data.prepare_dataset(root, shard=(2, ii), **kwargs).dataset, 4)[1]) for ii in (0, 1)
     ]
     assert len(labels[0]) == 2 and len(labels[1]) == 2 and labels[0] | labels[1] == {0, 1, 2, 3}
+
+
+def test_triplet_batches_stay_p_by_k_around_a_corrupt_image(tmp_path):
+    root = _write_folder(str(tmp_path / "ds"), {str(cc): 4 for cc in range(5)})
+    with open(os.path.join(root, "2", "broken.jpg"), "wb") as ff:
+        ff.write(b"garbage")
+    ds = data.prepare_dataset(
+        root, batch_size=8, img_shape=(24, 24), image_per_class=4, cache_dir=str(tmp_path / "c"), seed=0
+    )
+    for _, targets in ds.dataset.take(12):  # the broken file is drawn in many of these class visits
+        groups = targets["label"].numpy().reshape(2, 4)
+        assert (groups == groups[:, :1]).all()
