@@ -98,7 +98,8 @@ def test_pipeline_shapes_range_and_labels(demo_small, tmp_path, random_status):
 def test_labels_match_class_folders_without_augmentation(demo_small, tmp_path):
     """With random_status -1 every image equals its file, normalized, and carries its folder's label.
 
-    TF and PIL JPEG decoders differ by a few levels, so "equal" is a mean absolute difference under 2 levels.
+    TF and PIL JPEG decoders differ by a few levels (mean absolute difference up to 2.4 levels on these files), so
+    "equal" is: the closest file, out of all of them, is under 3 levels away and lies in the label's folder.
     """
     ds = data.prepare_dataset(
         demo_small["train_dir"], batch_size=4, img_shape=(32, 32), random_status=-1, cache_dir=str(tmp_path)
@@ -109,9 +110,15 @@ def test_labels_match_class_folders_without_augmentation(demo_small, tmp_path):
         by_label.setdefault(int(label), []).append(
             (np.asarray(Image.open(name).convert("RGB"), np.float32) - 127.5) * 0.0078125
         )
-    images, targets = next(iter(ds.dataset))
-    for image, label in zip(images.numpy(), targets["label"].numpy()):
-        assert min(np.abs(image - ref).mean() for ref in by_label[int(label)]) < 2 * 0.0078125
+    refs = np.stack([ref for refs in by_label.values() for ref in refs])
+    ref_labels = np.array([ll for ll, refs in by_label.items() for _ in refs])
+    closest = []
+    for images, targets in ds.dataset.take(ds.steps_per_epoch):  # one epoch: every image once
+        distances = np.abs(images.numpy()[:, None] - refs[None]).mean(axis=(2, 3, 4))
+        closest += distances.argmin(axis=1).tolist()
+        assert (distances.min(axis=1) < 3 * 0.0078125).all()
+        assert (ref_labels[distances.argmin(axis=1)] == targets["label"].numpy()).all()
+    assert sorted(closest) == list(range(len(refs)))
 
 
 def test_triplet_batches_are_p_by_k(demo_small, tmp_path):
