@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""IJB-B / IJB-C evaluation (SPEC §6): 1:1 verification TAR@FAR with AUC and 1:N identification.
+"""IJB-B / IJB-C evaluation, as insightface's IJB scripts compute it: 1:1 verification TAR@FAR with AUC and 1:N identification.
 
 Image embeddings come from a Keras model (``.keras`` / ``.h5``), an ONNX model (needs ``onnxruntime``) or
 embeddings saved earlier with ``-E``. Scenario ``N{0,1}D{0,1}F{0,1}``: N L2-normalizes each image embedding,
@@ -11,16 +11,17 @@ bounded amount of memory. Results (scores, tables, ROC plot) go to ``IJB_result/
 import argparse
 import io
 import os
+import sys
 
 import numpy as np
 
 import data
-import evals
-from utils import atomic_write, save_bytes
+from alignment import ARCFACE_TEMPLATE, face_align_landmarks
+from embedder import load_embedder
+from metrics import FAR_TARGETS, evaluation_1N, l2_normalize, roc_curve, roc_tar_at_far  # noqa: F401
+from plot import plot_roc_curves
+from utils import atomic_write, run_main, save_bytes
 
-FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-FPIR_TARGETS = (0.01, 0.1)
-TOP_K = (1, 5, 10)
 DEFAULT_SCENARIO = "N0D1F1"
 RESULT_DIR = "IJB_result"
 _GALLERIES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
@@ -107,50 +108,14 @@ def load_1n_meta(data_path, subset):
 # ---------------------------------------------------------------------------------------------------------
 # Image embeddings.
 # ---------------------------------------------------------------------------------------------------------
-def load_embedding_model(model_path, safe_mode=True):
-    """A ``(batch NHWC float32 normalized) -> embeddings`` function and the model input (height, width)."""
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"model not found: {model_path}")
-    if model_path.endswith(".onnx"):
-        return _onnx_model(model_path)
-    if model_path.endswith((".keras", ".h5")):
-        model = evals.load_basic_model(model_path, safe_mode=safe_mode)
-        embed = evals.make_embedding_function(model, flip=False)  # flipped images are embedded separately
-        return (lambda batch: np.asarray(embed(batch))), evals.model_image_size(model)
-    raise ValueError(
-        f"unsupported model file {model_path}: expected .keras, .h5 or .onnx (MXNet / PyTorch models are not supported)"
-    )
-
-
-def _onnx_model(model_path):
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise ImportError("evaluating an ONNX model needs onnxruntime: pip install onnxruntime") from err
-    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
-    model_input = session.get_inputs()[0]
-    shape = model_input.shape
-    channels_first = shape[1] == 3
-    height, width = (shape[2], shape[3]) if channels_first else (shape[1], shape[2])
-
-    def predict(batch):
-        batch = np.transpose(batch, (0, 3, 1, 2)) if channels_first else batch
-        return np.asarray(
-            session.run(None, {model_input.name: np.ascontiguousarray(batch, dtype=np.float32)})[0], np.float32
-        )
-
-    size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
-    return predict, size
-
-
 def aligned_images_dataset(image_paths, landmarks, batch_size=128, image_size=(112, 112), image_scale=data.SEEDS_SCALE):
-    """``tf.data`` of aligned, normalized face batches: decode in parallel, warp with ``evals.face_align_landmarks``."""
+    """``tf.data`` of aligned, normalized face batches: decode in parallel, warp with ``face_align_landmarks``."""
     import tensorflow as tf
 
     height, width = image_size
 
     def align(image, marks):
-        return evals.face_align_landmarks(image, marks, image_size)
+        return face_align_landmarks(image, marks, image_size)
 
     def load(path, marks):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
@@ -199,7 +164,7 @@ def process_embeddings(
     """Per-image features of a scenario: add the flip embedding, then L2-normalize, then scale by detector score."""
     feats = embs + embs_f if use_flip_test and embs_f is not None and len(embs_f) else embs
     if use_norm_score:
-        feats = evals.l2_normalize(feats)
+        feats = l2_normalize(feats)
     if use_detector_score and face_scores is not None:
         feats = feats * np.asarray(face_scores, feats.dtype)[:, None]
     return feats
@@ -227,7 +192,7 @@ def image2template_feature(img_feats, templates, medias, choose_templates=None):
     media_t = sorted_t[media_start]
     template_start = np.flatnonzero(np.r_[True, media_t[1:] != media_t[:-1]])
     template_feats = np.add.reduceat(media_feats, template_start, axis=0)
-    return evals.l2_normalize(template_feats), unique_templates
+    return l2_normalize(template_feats), unique_templates
 
 
 def template_indices(unique_templates, template_ids, what="pair list"):
@@ -313,75 +278,8 @@ def _gathered_scores(feats, first, second, selected, scores, chunk):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metrics.
+# 1:N on the IJB galleries.
 # ---------------------------------------------------------------------------------------------------------
-def roc_curve(label, scores):
-    """``sklearn.metrics.roc_curve(label, scores)``'s ``(fpr, tpr)`` (``drop_intermediate=True``), computed faster.
-
-    One ascending sort of all scores gives the distinct thresholds and how many scores reach each; the genuine
-    count comes from the few genuine scores sorted separately. As sklearn, points where the (FP, TP) step into
-    them equals the step out of them are dropped and (0, 0) is prepended.
-    """
-    scores = np.asarray(scores).reshape(-1)
-    label = np.asarray(label).reshape(-1).astype(bool)
-    if scores.shape != label.shape:
-        raise ValueError(f"{scores.shape[0]} scores for {label.shape[0]} labels")
-    if label.all() or not label.any():
-        raise ValueError("a ROC needs both genuine and impostor pairs")
-    ascending = np.sort(scores)
-    starts = np.flatnonzero(np.r_[True, ascending[1:] != ascending[:-1]])[::-1]  # distinct values, descending
-    values = ascending[starts]
-    tps = label.sum() - np.searchsorted(np.sort(scores[label]), values, side="left")
-    fps = (scores.shape[0] - starts) - tps
-    if fps.shape[0] > 2:
-        keep = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
-        fps, tps = fps[keep], tps[keep]
-    fps, tps = np.r_[0, fps], np.r_[0, tps]
-    return fps / fps[-1], tps / tps[-1]
-
-
-def roc_tar_at_far(label, scores, far_targets=FAR_TARGETS):
-    """ROC (as ``sklearn.metrics.roc_curve``), TAR at each FAR (nearest FPR, ties to the larger TPR) and AUC."""
-    from sklearn.metrics import auc
-
-    fpr, tpr = roc_curve(label, scores)
-    roc_auc = float(auc(fpr, tpr))
-    flipped_fpr, flipped_tpr = fpr[::-1], tpr[::-1]  # argmin takes the first: the larger TPR among equals
-    tars = [float(flipped_tpr[np.argmin(np.abs(flipped_fpr - far))]) for far in far_targets]
-    return tars, roc_auc, fpr, tpr
-
-
-def evaluation_1N(probe_feats, gallery_feats, probe_ids, gallery_ids, fpir_targets=FPIR_TARGETS, top_k=TOP_K):  # noqa: N802
-    """Open-set identification: top-k accuracy of mated probes and TPIR at FPIR from non-mated probes.
-
-    Gallery subjects have one template each. A mated probe is ranked by the number of non-mated gallery
-    templates scoring strictly higher than its mate. The threshold at FPIR f is the ``max(int(n * f) - 1, 0)``-th
-    largest top score of the n non-mated probes; TPIR counts mated probes ranked first and above it.
-    """
-    probe_ids, gallery_ids = np.asarray(probe_ids), np.asarray(gallery_ids)
-    if np.unique(gallery_ids).shape[0] != gallery_ids.shape[0]:
-        raise ValueError("1:N gallery must hold one template per subject")
-    similarity = np.asarray(probe_feats, np.float64) @ np.asarray(gallery_feats, np.float64).T
-    order = np.argsort(gallery_ids)
-    position = np.searchsorted(gallery_ids[order], probe_ids)
-    position = np.minimum(position, gallery_ids.shape[0] - 1)
-    mated = gallery_ids[order][position] == probe_ids
-    mate_column = order[position[mated]]
-    mated_sim = similarity[mated]
-    mate_score = mated_sim[np.arange(mate_column.shape[0]), mate_column]
-    non_mate = mated_sim.copy()
-    non_mate[np.arange(mate_column.shape[0]), mate_column] = -np.inf
-    rank = np.sum(non_mate > mate_score[:, None], axis=1)
-    result = {"num_mated": int(mated.sum()), "num_non_mated": int((~mated).sum())}
-    for kk in top_k:
-        result[f"top{kk}"] = float(np.mean(rank < kk)) if mated.any() else 0.0
-    non_mated_max = np.sort(similarity[~mated].max(axis=1))[::-1] if (~mated).any() else np.array([np.inf])
-    for fpir in fpir_targets:
-        thresh = non_mated_max[max(int(non_mated_max.shape[0] * fpir) - 1, 0)]
-        result[f"tpir@fpir={fpir:g}"] = float(np.mean((rank == 0) & (mate_score > thresh))) if mated.any() else 0.0
-    return result
-
-
 def run_1n(img_feats, meta, one_n_meta):
     """1:N results of both galleries and their average, as a dict of dicts."""
     (g1_templates, g1_ids), (g2_templates, g2_ids), (probe_templates, probe_ids) = one_n_meta
@@ -421,33 +319,6 @@ def one_n_table(results):
     for name, values in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[key]:.6f}" for key in keys) + " |")
     return "\n".join(lines)
-
-
-def plot_roc_curves(curves, save_path, title="ROC"):
-    """Plot ``{name: (fpr, tpr, auc)}`` ROC curves on a log FPR axis into a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(8, 6))
-    for name, (fpr, tpr, roc_auc) in curves.items():
-        axis.plot(fpr, tpr, lw=1, label=f"{name} (AUC = {roc_auc * 100:.2f}%)")
-    axis.set(
-        xlim=(1e-6, 1),
-        ylim=(0.3, 1.0),
-        xscale="log",
-        xlabel="False Positive Rate",
-        ylabel="True Positive Rate",
-        title=title,
-    )
-    axis.grid(linestyle="--", linewidth=0.5)
-    axis.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_write(save_path, suffix=".png") as tmp_path:
-        fig.savefig(tmp_path)
-    plt.close(fig)
-    return save_path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -527,7 +398,7 @@ def _write_synthetic_face(path, pattern, image_size, rng):
     buffer = io.BytesIO()
     Image.fromarray(np.round(image).astype(np.uint8)).save(buffer, format="PNG")
     save_bytes(path, buffer.getvalue())
-    return transform(evals.ARCFACE_TEMPLATE.astype(np.float64))
+    return transform(ARCFACE_TEMPLATE.astype(np.float64))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -576,10 +447,10 @@ def get_embeddings(args, meta):
             print(">>>> Reusing embeddings of the same model file (-F recomputes):", saved_path)
             return _checked(embs, meta, args.subset), embs_f, name
     check_images_exist(meta["image_dir"], meta["image_names"])
-    predict, image_size = load_embedding_model(args.model_file, safe_mode=not args.unsafe_load)
+    predict = load_embedder(args.model_file, safe_mode=not args.unsafe_load)
     paths = [os.path.join(meta["image_dir"], image) for image in meta["image_names"]]
     embs, embs_f = compute_image_embeddings(
-        predict, paths, meta["landmarks"], args.batch_size, image_size or (112, 112), 1.0 / args.scale
+        predict, paths, meta["landmarks"], args.batch_size, predict.image_size or (112, 112), 1.0 / args.scale
     )
     if args.save_embeddings:
         save_npz(saved_path, embs=embs, embs_f=embs_f, model_signature=np.array(signature))
@@ -599,7 +470,8 @@ def run_evaluation(args):
     embs, embs_f, name = get_embeddings(args, meta)
     scenarios = all_scenarios() if args.is_bunch else [args.scenario]
     one_n_meta = load_1n_meta(args.data_path, args.subset) if args.is_one_2_N else None
-    base = os.path.join(args.result_dir, f"{name}_{args.subset}")
+    scenario_tag = "all_scenarios" if args.is_bunch else args.scenario.upper()  # runs of other scenarios keep theirs
+    base = os.path.join(args.result_dir, f"{name}_{args.subset}_{scenario_tag}")
     results, curves, scores_by_name = {}, {}, {}
     for scenario in scenarios:
         use_norm, use_detector, use_flip = parse_scenario(scenario)
@@ -713,4 +585,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

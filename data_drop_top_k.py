@@ -14,12 +14,14 @@ import sys
 
 import numpy as np
 
-from utils import atomic_write
+from utils import atomic_write, run_main
 
 
 def find_norm_dense(model):
     """The model's ``NormDense`` (or ``PartialFCNormDense``) head, the last one if several."""
-    heads = [layer for layer in model.layers if type(layer).__name__ in ("NormDense", "PartialFCNormDense")]
+    import heads as head_layers
+
+    heads = [layer for layer in model.layers if isinstance(layer, head_layers.NormDense)]
     if not heads:
         raise ValueError(
             f"model {model.name!r} has no NormDense layer: pass the full training model, not the basic model"
@@ -27,11 +29,14 @@ def find_norm_dense(model):
     return heads[-1]
 
 
-def sub_center_cosines(embeddings, labels, kernel, top_k):
-    """``(N, K)`` cosines between each L2-normalized embedding and the K sub-centers of its own class."""
-    centers = kernel / np.maximum(np.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
-    centers = centers.reshape(kernel.shape[0], -1, top_k)  # (emb, classes, K): class-major columns
-    return np.einsum("ne,enk->nk", embeddings, centers[:, labels, :])
+def sub_center_cosines(embeddings, labels, centers, top_k):
+    """``(N, K)`` cosines between each L2-normalized embedding and the K sub-centers of its own class.
+
+    ``centers`` are the head's ``class_centers()``: ``(classes * K, emb)``, row ``c * K + k`` = sub-center k of c.
+    """
+    centers = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+    centers = centers.reshape(-1, top_k, centers.shape[1])  # (classes, K, emb)
+    return np.einsum("ne,nke->nk", embeddings, centers[labels])
 
 
 def select_kept(cosines, labels, deg_thresh):
@@ -49,6 +54,40 @@ def _default_dest(data_path, top_k, deg_thresh):
     return f"{stem}_topK{top_k}_deg{deg_thresh}.npz"
 
 
+def _sorted_listing(data_path, limit, num_classes):
+    """Image names and labels of ``data_path`` sorted by label (the first ``limit`` classes when ``limit > 0``)."""
+    import data
+
+    content = data.pre_process_folder(os.fspath(data_path))
+    image_names = np.asarray(content["image_names"])
+    image_classes = np.asarray(content["image_classes"], dtype=np.int64)
+    if image_classes.max() >= num_classes:
+        raise ValueError(f"data has {image_classes.max() + 1} classes but the model's head has {num_classes}")
+    order = np.argsort(image_classes, kind="stable")
+    if limit > 0:
+        order = order[image_classes[order] < limit]
+    return image_names[order], image_classes[order]
+
+
+def _own_center_cosines(embedder, image_names, image_classes, centers, top_k, batch_size):
+    """``(N, K)`` cosines of every image to the sub-centers of its class, embedded chunk by chunk."""
+    from tqdm import tqdm
+
+    from embedder import embed_image_files
+
+    chunk = batch_size * 16
+    parts = [
+        sub_center_cosines(
+            embed_image_files(embedder, image_names[start : start + chunk], batch_size),
+            image_classes[start : start + chunk],
+            centers,
+            top_k,
+        )
+        for start in tqdm(range(0, len(image_names), chunk), desc="Embedding")
+    ]
+    return np.concatenate(parts)
+
+
 def data_drop_top_k(model, data_path, dest_file=None, deg_thresh=75, limit=0, batch_size=128):
     """Clean ``data_path`` (class folder or image-list npz) with the sub-center training ``model`` (object or file).
 
@@ -57,57 +96,28 @@ def data_drop_top_k(model, data_path, dest_file=None, deg_thresh=75, limit=0, ba
     """
     import keras
 
-    import data
-    from data_distiller import embed_images, load_keras_model, load_teacher
+    import models
+    from embedder import load_embedder
 
     if not 0 <= deg_thresh <= 180:
         raise ValueError(f"deg_thresh must be in [0, 180] degrees, got {deg_thresh}")
-    model = load_keras_model(model) if isinstance(model, str | os.PathLike) else model
+    model = models.load_model(model)
     head = find_norm_dense(model)
-    basic_model = keras.Model(model.inputs[0], head.input)
-    kernel, top_k = keras.ops.convert_to_numpy(head.kernel), head.loss_top_k
-    if type(head).__name__ == "PartialFCNormDense":  # stored class-major as (classes * K, emb)
-        kernel = kernel.T
-
-    content = data.pre_process_folder(os.fspath(data_path))
-    image_names, image_classes = (
-        np.asarray(content["image_names"]),
-        np.asarray(content["image_classes"], dtype=np.int64),
-    )
-    if image_classes.max() >= head.units:
-        raise ValueError(f"data has {image_classes.max() + 1} classes but the model's head has {head.units}")
-    order = np.argsort(image_classes, kind="stable")
-    if limit > 0:
-        order = order[image_classes[order] < limit]
-    image_names, image_classes = image_names[order], image_classes[order]
+    centers, top_k = head.class_centers(), head.loss_top_k
+    image_names, image_classes = _sorted_listing(data_path, limit, head.units)
     print(
-        f">>>> [Before] emb = {kernel.shape[0]}, classes = {image_classes.max() + 1}, top_k = {top_k}, images = {len(image_names)}"
+        f">>>> [Before] emb = {centers.shape[1]}, classes = {image_classes.max() + 1}, top_k = {top_k}, images = {len(image_names)}"
     )
-
-    from tqdm import tqdm
-
-    teacher, chunk = load_teacher(basic_model), batch_size * 16
-    cosines = np.concatenate(
-        [
-            sub_center_cosines(
-                embed_images(teacher, image_names[start : start + chunk], batch_size),
-                image_classes[start : start + chunk],
-                kernel,
-                top_k,
-            )
-            for start in tqdm(range(0, len(image_names), chunk), desc="Embedding")
-        ]
-    )
+    embedder = load_embedder(keras.Model(model.inputs[0], head.input))
+    cosines = _own_center_cosines(embedder, image_names, image_classes, centers, top_k, batch_size)
     keep = select_kept(cosines, image_classes, deg_thresh)
     kept_names, kept_classes = image_names[keep], image_classes[keep]
     _, new_classes = np.unique(kept_classes, return_inverse=True)  # renumber, skipping emptied classes
-
     dest_file = dest_file or _default_dest(data_path, top_k, deg_thresh)
     with atomic_write(dest_file) as tmp_path:
         np.savez(tmp_path, image_names=kept_names.astype(str), image_classes=new_classes.astype(np.int64))
-    print(
-        f">>>> [After] classes = {new_classes.max() + 1 if len(new_classes) else 0}, images = {len(kept_names)}, dropped = {int((~keep).sum())}"
-    )
+    num_classes = new_classes.max() + 1 if len(new_classes) else 0
+    print(f">>>> [After] classes = {num_classes}, images = {len(kept_names)}, dropped = {int((~keep).sum())}")
     return dest_file
 
 
@@ -137,4 +147,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -1,173 +1,46 @@
-"""Verification on insightface ``.bin`` files: the SPEC §5 metrics, the ``eval_callback`` and a CLI.
+"""Evaluate a basic (embedding) model: verification ``.bin`` files during training (``eval_callback``) and
+from the command line (``python evals.py -m MODEL -t lfw.bin ...``); the command line also runs the evaluations on
+your own data of ``photo_evals``: a folder of aligned faces (``--folder DIR``: 1:1 verification over all pairs,
+1:N identification) and photos compared with each other (``--compare a.jpg b.jpg``: detected, aligned, embedded).
 
-The metrics are exact re-implementations of the reference algorithms (the seeds' best-threshold accuracy
-and insightface's 10-fold accuracy / VAL@FAR), vectorized: sort once and count with ``searchsorted``.
+The metrics themselves live in ``metrics`` (pure numpy) and face alignment in ``alignment``; their names are
+re-exported here because scripts written for earlier versions import them from ``evals``.
 """
 
 import argparse
 import os
+import sys
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import data
-from utils import atomic_write
-
-KFOLD_THRESHOLDS = np.arange(0, 4, 0.01)  # insightface calculate_roc thresholds on squared L2 distance
-VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # insightface calculate_val thresholds
-VAL_FAR_TARGET = 1e-3
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)  # SPEC §3, for a 112x112 crop
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Metrics (SPEC §5), pure numpy.
-# ---------------------------------------------------------------------------------------------------------
-def l2_normalize(embeddings, axis=-1):
-    """L2-normalize rows (zero rows stay zero)."""
-    embeddings = np.asarray(embeddings)
-    norm = np.linalg.norm(embeddings, axis=axis, keepdims=True)
-    return embeddings / np.where(norm == 0, 1, norm)
-
-
-def _check_pairs(embeddings, issame):
-    embeddings = np.asarray(embeddings)
-    issame = np.asarray(issame, dtype=bool).reshape(-1)
-    if embeddings.ndim != 2 or embeddings.shape[0] != 2 * issame.shape[0]:
-        raise ValueError(
-            f"expected 2 * {issame.shape[0]} embeddings for {issame.shape[0]} pairs, got shape {embeddings.shape}"
-        )
-    return embeddings, issame
-
-
-def best_threshold_accuracy(scores, issame):
-    """The seeds' accuracy: max over candidate thresholds of (#genuine > t + #impostor <= t) / N.
-
-    Candidates are the top 10% impostor scores (``int(0.1 * n_impostor)`` of them, at least one); ties go to
-    the smallest candidate, as ``np.argmax`` in the reference. Returns ``(accuracy, threshold)``.
-    """
-    scores = np.asarray(scores).reshape(-1)
-    issame = np.asarray(issame, dtype=bool).reshape(-1)
-    if scores.shape != issame.shape:
-        raise ValueError(f"{scores.shape[0]} scores for {issame.shape[0]} labels")
-    genuine = np.sort(scores[issame])
-    impostor = np.sort(scores[~issame])
-    if impostor.size == 0:
-        raise ValueError("best-threshold accuracy needs at least one impostor pair")
-    num_steps = max(int(0.1 * impostor.shape[0]), 1)
-    candidates = impostor[-num_steps:]
-    correct = genuine.shape[0] - np.searchsorted(genuine, candidates, side="right")
-    correct = correct + np.searchsorted(impostor, candidates, side="right")
-    best = int(np.argmax(correct))
-    return correct[best] / scores.shape[0], candidates[best]
-
-
-def squared_l2_distances(embeddings):
-    """Squared L2 distance of consecutive pairs ``e[0::2], e[1::2]``, computed as the reference does."""
-    return np.sum(np.square(np.subtract(embeddings[0::2], embeddings[1::2])), 1)
-
-
-def _kfold_slices(num_pairs, num_folds=10):
-    """Contiguous test folds of ``sklearn.model_selection.KFold(num_folds, shuffle=False)``."""
-    sizes = np.full(num_folds, num_pairs // num_folds, dtype=np.int64)
-    sizes[: num_pairs % num_folds] += 1
-    ends = np.cumsum(sizes)
-    return [slice(int(end - size), int(end)) for end, size in zip(ends, sizes)]
-
-
-def _count_less(sorted_values, thresholds):
-    """Number of values strictly below each threshold (the reference predicts same-person by ``dist < t``)."""
-    return np.searchsorted(sorted_values, thresholds, side="left")
-
-
-def _fold_counts(dist, issame, folds, thresholds):
-    """Per fold: (genuine < t, impostor < t, #genuine, #impostor) for the test fold and the train split."""
-    all_gen = _count_less(np.sort(dist[issame]), thresholds)
-    all_imp = _count_less(np.sort(dist[~issame]), thresholds)
-    num_gen, num_imp = int(issame.sum()), int((~issame).sum())
-    for fold in folds:
-        fold_dist, fold_same = dist[fold], issame[fold]
-        test_gen = _count_less(np.sort(fold_dist[fold_same]), thresholds)
-        test_imp = _count_less(np.sort(fold_dist[~fold_same]), thresholds)
-        test_num_gen = int(fold_same.sum())
-        test_num_imp = fold_same.shape[0] - test_num_gen
-        test = (test_gen, test_imp, test_num_gen, test_num_imp)
-        train = (all_gen - test_gen, all_imp - test_imp, num_gen - test_num_gen, num_imp - test_num_imp)
-        yield test, train
-
-
-def kfold_accuracy(dist, issame, num_folds=10, thresholds=KFOLD_THRESHOLDS):
-    """insightface ``calculate_roc`` accuracy: per fold the first threshold maximizing train accuracy.
-
-    ``dist`` are squared L2 distances. Returns the array of per-fold test accuracies.
-    """
-    dist = np.asarray(dist).reshape(-1)
-    issame = np.asarray(issame, dtype=bool).reshape(-1)
-    folds = _kfold_slices(dist.shape[0], num_folds)
-    accuracy = np.zeros(num_folds)
-    for fold_idx, (test, train) in enumerate(_fold_counts(dist, issame, folds, thresholds)):
-        train_correct = train[0] + (train[3] - train[1])  # tp + tn
-        best = int(np.argmax(train_correct))
-        test_size = test[2] + test[3]
-        accuracy[fold_idx] = float(test[0][best] + test[3] - test[1][best]) / test_size
-    return accuracy
-
-
-def _interpolate_threshold(far, thresholds, far_target):
-    """Threshold where the FAR curve crosses ``far_target``: what scipy's pre-1.9.3 slinear interp1d did."""
-    if np.max(far) < far_target:
-        return 0.0
-    j = int(np.searchsorted(far, far_target, side="right")) - 1
-    if j + 1 >= far.shape[0]:
-        return float(thresholds[j])
-    return thresholds[j] + (far_target - far[j]) * (thresholds[j + 1] - thresholds[j]) / (far[j + 1] - far[j])
-
-
-def _safe_ratio(count, total):
-    return float(count) / float(total) if total else 0.0
-
-
-def kfold_val_far(dist, issame, far_target=VAL_FAR_TARGET, num_folds=10, thresholds=VAL_THRESHOLDS):
-    """insightface ``calculate_val``: returns ``(val_mean, val_std, far_mean)`` on squared L2 distances."""
-    dist = np.asarray(dist).reshape(-1)
-    issame = np.asarray(issame, dtype=bool).reshape(-1)
-    folds = _kfold_slices(dist.shape[0], num_folds)
-    val, far = np.zeros(num_folds), np.zeros(num_folds)
-    for fold_idx, (_, train) in enumerate(_fold_counts(dist, issame, folds, thresholds)):
-        far_train = train[1] / float(train[3]) if train[3] else np.zeros(thresholds.shape[0])
-        threshold = _interpolate_threshold(far_train, thresholds, far_target)
-        fold_dist, fold_same = dist[folds[fold_idx]], issame[folds[fold_idx]]
-        predict = fold_dist < threshold
-        val[fold_idx] = _safe_ratio(np.sum(predict & fold_same), np.sum(fold_same))
-        far[fold_idx] = _safe_ratio(np.sum(predict & ~fold_same), np.sum(~fold_same))
-    return np.mean(val), np.std(val), np.mean(far)
-
-
-def verification_metrics(embeddings, issame, num_folds=10):
-    """All SPEC §5 metrics for 2N embeddings (pairs consecutive) and N labels, as a dict.
-
-    Embeddings are L2-normalized first. Keys: ``accuracy``, ``thresh`` (best-threshold cosine accuracy),
-    ``10fold``, ``10fold_std`` (insightface), ``val``, ``val_std``, ``far`` (VAL@FAR=1e-3).
-    """
-    embeddings, issame = _check_pairs(embeddings, issame)
-    embeddings = l2_normalize(embeddings)
-    scores = np.einsum("ij,ij->i", embeddings[0::2], embeddings[1::2])
-    accuracy, thresh = best_threshold_accuracy(scores, issame)
-    dist = squared_l2_distances(embeddings)
-    fold_acc = kfold_accuracy(dist, issame, num_folds)
-    val, val_std, far = kfold_val_far(dist, issame, num_folds=num_folds)
-    return {
-        "accuracy": float(accuracy),
-        "thresh": float(thresh),
-        "10fold": float(np.mean(fold_acc)),
-        "10fold_std": float(np.std(fold_acc)),
-        "val": float(val),
-        "val_std": float(val_std),
-        "far": float(far),
-    }
+from alignment import ARCFACE_TEMPLATE, alignment_template, estimate_alignment, face_align_landmarks  # noqa: F401
+from metrics import (  # noqa: F401
+    balanced_best_threshold,
+    best_threshold_accuracy,
+    evaluation_1N,
+    kfold_accuracy,
+    kfold_val_far,
+    l2_normalize,
+    roc_tar_at_far,
+    squared_l2_distances,
+    verification_metrics,
+)
+from models import load_model as load_basic_model  # noqa: F401 (the name scripts use)
+from photo_evals import (
+    MAX_PAIRS,
+    RESULT_DIR,
+    compare_photos,
+    evaluate_folder,
+    find_model_threshold,
+    format_comparison,
+    model_name,
+    threshold_from_file,
+)
+from utils import atomic_write, run_main
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,19 +104,28 @@ def embed_dataset(embed_fn, dataset):
     return np.concatenate([np.asarray(embed_fn(batch)) for batch in dataset], axis=0)
 
 
+def check_bin_images(bins, path):
+    """Raise a ValueError naming ``path`` and the image index when any image of a bin cannot be decoded: checked
+    before training starts, so a bad bin cannot cost a trained epoch."""
+    bad = data.undecodable_indices(bins, is_path=False)
+    if len(bad):
+        others = f" (and {len(bad) - 1} more: {bad[1:6].tolist()})" if len(bad) > 1 else ""
+        raise ValueError(f"{path}: cannot decode image {bad[0]} (of {len(bins)}){others}")
+
+
 def _bin_name(test_bin_file):
     return os.path.splitext(os.path.basename(test_bin_file))[0]
 
 
-class eval_callback(keras.callbacks.Callback):  # noqa: N801 (the seeds' public name)
+class eval_callback(keras.callbacks.Callback):  # noqa: N801 (Keras_insightface's public name)
     """Evaluate ``basic_model`` on a verification ``.bin`` at each epoch end (and every ``eval_freq`` batches).
 
-    Prints the seeds' line and the insightface 10-fold line, writes ``logs[name]``, ``logs[name + "_thresh"]``,
+    Prints Keras_insightface's line and the insightface 10-fold line, writes ``logs[name]``, ``logs[name + "_thresh"]``,
     ``logs[name + "_10fold"]``, ``logs[name + "_10fold_std"]`` and ``logs[name + "_val_far"]`` (``name`` = bin
     file stem) and, when ``save_model`` is a path prefix, keeps the best basic model as
     ``<save_model>_basic_<name>_epoch_<E>[_batch_<B>]_<acc>.keras``. ``image_scale`` selects the input
     normalization (``data.SEEDS_SCALE`` = 1/128 or ``data.INSIGHTFACE_SCALE`` = 1/127.5). ``PCA_acc`` adds the
-    10-fold result to the seeds' line, as the seeds printed it. Standalone use: ``eval_callback(m, "lfw.bin").on_epoch_end(0)``.
+    10-fold result to that line, as Keras_insightface printed it. Standalone use: ``eval_callback(m, "lfw.bin").on_epoch_end(0)``.
     """
 
     def __init__(
@@ -261,8 +143,8 @@ class eval_callback(keras.callbacks.Callback):  # noqa: N801 (the seeds' public 
         bins, issame = data.load_bin(test_bin_file)
         if len(issame) == 0:
             raise ValueError(f"{test_bin_file}: no pairs in verification bin")
-        first_size = decode_image_size(bins[0], f"{test_bin_file} image 0")  # fails early on undecodable bins
-        target_size = model_image_size(basic_model) or first_size
+        check_bin_images(bins, test_bin_file)
+        target_size = model_image_size(basic_model) or decode_image_size(bins[0], f"{test_bin_file} image 0")
         self.basic_model, self.test_issame, self.test_names = basic_model, issame, _bin_name(test_bin_file)
         self.batch_size, self.save_model, self.eval_freq, self.flip = batch_size, save_model, eval_freq, flip
         self.PCA_acc, self.image_scale = PCA_acc, image_scale
@@ -288,6 +170,15 @@ class eval_callback(keras.callbacks.Callback):  # noqa: N801 (the seeds' public 
         self._evaluate(logs, save_suffix="_epoch_%d" % (epoch + 1))
 
     def _evaluate(self, logs, save_suffix):
+        """Evaluate and log; a failure is a warning, so it never stops training nor the epoch's checkpoint."""
+        try:
+            self._evaluate_and_log(logs, save_suffix)
+        except Exception as err:  # noqa: BLE001 - any failure of one evaluation must not end a long run
+            warnings.warn(
+                f"{self.test_names} evaluation failed, no result this time: {err!r}", RuntimeWarning, stacklevel=2
+            )
+
+    def _evaluate_and_log(self, logs, save_suffix):
         embeddings = self.compute_embeddings()
         if not np.all(np.isfinite(embeddings)):
             print(f">>>> {self.test_names} evaluation: embeddings contain NaN / Inf, accuracy set to 0")
@@ -346,68 +237,8 @@ class eval_callback(keras.callbacks.Callback):  # noqa: N801 (the seeds' public 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Face alignment (SPEC §3).
-# ---------------------------------------------------------------------------------------------------------
-def alignment_template(image_size=(112, 112)):
-    """The ArcFace 5-point template scaled from 112x112 to ``image_size`` = (height, width)."""
-    height, width = image_size
-    return ARCFACE_TEMPLATE * np.array([width / 112.0, height / 112.0], dtype=np.float32)
-
-
-def estimate_alignment(landmarks, image_size=(112, 112)):
-    """Similarity transform (skimage) mapping 5 detected landmarks (x, y) onto the ArcFace template."""
-    from skimage.transform import SimilarityTransform
-
-    landmarks = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
-    if landmarks.shape != (5, 2):
-        raise ValueError(f"expected 5 (x, y) landmarks, got shape {np.shape(landmarks)}")
-    transform = SimilarityTransform.from_estimate(landmarks, alignment_template(image_size).astype(np.float64))
-    if not transform:
-        raise ValueError(f"cannot estimate an alignment from landmarks {landmarks.tolist()}: {transform}")
-    return transform
-
-
-def face_align_landmarks(image, landmarks, image_size=(112, 112)):
-    """Crop a face: warp ``image`` (HxWx3) so its 5 landmarks land on the ArcFace template; zero border.
-
-    ``landmarks`` is (5, 2) or 10 values (x1, y1, ..., x5, y5). Uses OpenCV's ``warpAffine`` when installed
-    (faster), else skimage ``warp``; both bilinear. Returns an array of ``image``'s dtype, ``image_size`` big.
-    """
-    image = np.asarray(image)
-    matrix = estimate_alignment(landmarks, image_size).params
-    height, width = image_size
-    try:
-        import cv2
-    except ImportError:
-        cv2 = None
-    if cv2 is not None:
-        return cv2.warpAffine(image, matrix[:2], (width, height), flags=cv2.INTER_LINEAR, borderValue=0)
-    from skimage.transform import AffineTransform, warp
-
-    warped = warp(
-        image,
-        AffineTransform(matrix=matrix).inverse,
-        output_shape=(height, width),
-        order=1,
-        mode="constant",
-        cval=0,
-        preserve_range=True,
-    )
-    if np.issubdtype(image.dtype, np.integer):
-        warped = np.clip(np.round(warped), np.iinfo(image.dtype).min, np.iinfo(image.dtype).max)
-    return warped.astype(image.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Command line: evaluate a saved model on bins.
 # ---------------------------------------------------------------------------------------------------------
-def load_basic_model(model_path, safe_mode=True):
-    """Load a ``.keras`` / ``.h5`` basic model for inference (``safe_mode`` refuses pickled lambdas)."""
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"model not found: {model_path}")
-    return keras.models.load_model(model_path, compile=False, safe_mode=safe_mode)
-
-
 def evaluate_bins(basic_model, bin_files, batch_size=128, flip=True, image_scale=data.SEEDS_SCALE):
     """Metrics of ``basic_model`` on every bin: ``{bin name: verification_metrics dict}``."""
     results = {}
@@ -432,11 +263,16 @@ def format_results_table(results):
 
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(
-        description="Evaluate a basic model on insightface verification .bin files",
+        description="Evaluate a basic model: verification .bin files (-t), a folder of aligned faces (--folder), "
+        "or compare the faces of photos (--compare)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("-m", "--model", required=True, help="saved basic model, .keras or .h5")
-    parser.add_argument("-t", "--test_bin_files", nargs="+", required=True, help="verification .bin files")
+    parser.add_argument(
+        "-m", "--model", required=True, help="saved basic model, .keras or .h5 (.onnx: --folder, --compare)"
+    )
+    parser.add_argument("-t", "--test_bin_files", nargs="+", default=[], help="verification .bin files")
+    parser.add_argument("--folder", help="class folder of aligned faces: 1:1 verification and 1:N identification")
+    parser.add_argument("--compare", nargs="+", metavar="PHOTO", help="photos whose faces are compared with each other")
     parser.add_argument("-b", "--batch_size", type=int, default=128, help="evaluation batch size")
     parser.add_argument(
         "--no-flip", dest="flip", action="store_false", help="disable the flip test-time augmentation (on by default)"
@@ -447,16 +283,76 @@ def parse_arguments(argv=None):
     parser.add_argument(
         "--unsafe_load", action="store_true", help="load the model with safe_mode=False (trusted files only)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument("--gallery_size", type=int, default=1, help="--folder: gallery images per identity for 1:N")
+    parser.add_argument("--max_pairs", type=int, default=MAX_PAIRS, help="--folder: most genuine / impostor pairs")
+    parser.add_argument("--seed", type=int, default=0, help="--folder: seed of pair sampling and gallery choice")
+    parser.add_argument(
+        "--threshold",
+        help="--compare: same-person threshold, a number, a *_folder.json or a *_hist.json[:BIN]; "
+        "without it, the model's newest folder evaluation or else its training history",
+    )
+    parser.add_argument(
+        "--keep", default="largest", choices=("largest", "central"), help="--compare: face of a photo with several"
+    )
+    parser.add_argument("--result_dir", default=RESULT_DIR, help="--folder and --compare: output folder")
+    args = parser.parse_args(argv)
+    if not (args.test_bin_files or args.folder or args.compare):
+        parser.error("nothing to evaluate: give -t BIN, --folder DIR or --compare PHOTO PHOTO")
+    if args.compare is not None and len(args.compare) < 2:
+        parser.error("--compare needs at least 2 photos")
+    if args.gallery_size < 1 or args.max_pairs < 1:
+        parser.error("--gallery_size and --max_pairs must be positive")
+    return args
+
+
+def _resolve_threshold(args):
+    """``--threshold`` as a number, read from a file, or found next to the model (None when nowhere)."""
+    if args.threshold is None:
+        return find_model_threshold(args.model, args.result_dir)
+    try:
+        return float(args.threshold)
+    except ValueError:
+        return threshold_from_file(args.threshold)
+
+
+def _compare_picture_path(result_dir, photos):
+    stems = [os.path.splitext(os.path.basename(photo))[0] for photo in photos]
+    more = f"_and_{len(stems) - 2}_more" if len(stems) > 2 else ""
+    return os.path.join(result_dir, f"compare_{stems[0]}_{stems[1]}{more}.png")
 
 
 def main(argv=None):
     args = parse_arguments(argv)
-    basic_model = load_basic_model(args.model, safe_mode=not args.unsafe_load)
-    results = evaluate_bins(basic_model, args.test_bin_files, args.batch_size, args.flip, 1.0 / args.scale)
-    print(format_results_table(results))
-    return results
+    scale, results = 1.0 / args.scale, {}
+    is_onnx = args.model.endswith(".onnx")
+    if is_onnx and args.test_bin_files:
+        raise ValueError("-t needs a Keras model (.keras / .h5); an .onnx model works with --folder and --compare")
+    model = args.model if is_onnx else load_basic_model(args.model, safe_mode=not args.unsafe_load)
+    if args.test_bin_files:
+        results["bins"] = evaluate_bins(model, args.test_bin_files, args.batch_size, args.flip, scale)
+        print(format_results_table(results["bins"]))
+    name = model_name(args.model)
+    if args.folder:
+        results["folder"] = evaluate_folder(
+            model,
+            args.folder,
+            batch_size=args.batch_size,
+            flip=args.flip,
+            image_scale=scale,
+            max_pairs=args.max_pairs,
+            gallery_per_identity=args.gallery_size,
+            seed=args.seed,
+            result_dir=args.result_dir,
+            name=name,
+        )
+    if args.compare:
+        picture = _compare_picture_path(args.result_dir, args.compare)
+        threshold = _resolve_threshold(args)
+        results["compare"] = compare_photos(model, args.compare, threshold, None, args.keep, args.flip, scale, picture)
+        print(format_comparison(results["compare"]))
+        print(">>>> Saved:", picture)
+    return results["bins"] if list(results) == ["bins"] else results  # -t alone keeps its earlier result shape
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 
@@ -23,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 import data
-from utils import atomic_write
+import models
+from utils import atomic_write, run_main
 
 FORMATS = ("tflite", "saved_model", "onnx")
 QUANTIZATIONS = ("float16", "dynamic", "int8", "uint8")
@@ -34,39 +36,6 @@ INPUT_NAME = "image"
 
 class ExportError(RuntimeError):
     """A converter refused the model; the message names the unsupported ops and the layers that use them."""
-
-
-@keras.saving.register_keras_serializable(package="insightface")
-class NormalizeImage(keras.layers.Layer):
-    """Baked-in preprocessing: 0..255 RGB (uint8) to the model input range with ``data.normalize_image``."""
-
-    def call(self, inputs):
-        return data.normalize_image(keras.ops.cast(inputs, "float32"))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-
-@keras.saving.register_keras_serializable(package="insightface")
-class ResizeImage(keras.layers.Layer):
-    """Bilinear resize of any HxW input to the model's ``(height, width)``.
-
-    Used instead of ``keras.layers.Resizing``, whose ``call(training=True)`` default puts the rest of the graph
-    (BatchNormalization included) in training mode when the deploy model is called without ``training``.
-    """
-
-    def __init__(self, height, width, **kwargs):
-        super().__init__(**kwargs)
-        self.height, self.width = int(height), int(width)
-
-    def call(self, inputs):
-        return keras.ops.image.resize(inputs, (self.height, self.width), interpolation="bilinear")
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.height, self.width, input_shape[-1])
-
-    def get_config(self):
-        return {**super().get_config(), "height": self.height, "width": self.width}
 
 
 def build_deploy_model(model, include_preprocessing=False, l2_normalize=False, dynamic_input_size=False):
@@ -80,25 +49,13 @@ def build_deploy_model(model, include_preprocessing=False, l2_normalize=False, d
         raise ValueError(f"dynamic_input_size needs a model with a fixed input size, got {model.input_shape}")
     input_shape = (None, None, channels) if dynamic_input_size else (height, width, channels)
     inputs = keras.Input(input_shape, dtype="uint8" if include_preprocessing else "float32", name=INPUT_NAME)
-    nn = NormalizeImage(name="normalize_image")(inputs) if include_preprocessing else inputs
+    nn = models.NormalizeImage(name="normalize_image")(inputs) if include_preprocessing else inputs
     if dynamic_input_size:
-        nn = ResizeImage(height, width, name="resize")(nn)
+        nn = models.ResizeImage(height, width, name="resize")(nn)
     nn = model(nn, training=False)  # recorded in the graph: inference mode even if a layer defaults to training
     if l2_normalize:
         nn = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(nn)
     return keras.Model(inputs, nn, name=f"{model.name}_deploy")
-
-
-def load_model(model_or_path, safe_mode=True):
-    """Return ``model_or_path`` if it is a Keras model, else load it (``.keras`` / ``.h5``) without compiling."""
-    if isinstance(model_or_path, keras.Model):
-        return model_or_path
-    path = os.fspath(model_or_path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model not found: {path}")
-    with contextlib.suppress(ModuleNotFoundError):
-        importlib.import_module("models")  # registers the zoo's custom layers for deserialization
-    return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,7 +293,7 @@ def export_model(
             raise ValueError("dest is required when exporting a model object")
         dest = default_dest(model_or_path, format, quant, include_preprocessing, l2_normalize, dynamic_input_size)
     dest = os.fspath(dest)
-    model = load_model(model_or_path, safe_mode=safe_mode)
+    model = models.load_model(model_or_path, safe_mode=safe_mode)
     representative_images = None
     if quant in INTEGER_QUANTIZATIONS:
         representative_images = load_representative_images(representative_data, model.input_shape[1:3], num_calibration)
@@ -485,4 +442,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -1,4 +1,4 @@
-"""Classification heads and training losses: the ArcFace margin family, center, triplet and distillation losses.
+"""Training losses: the ArcFace margin family, center, triplet and distillation losses.
 
 Every loss takes labels as sparse integers of shape ``(B,)`` / ``(B, 1)`` (what ``data.py`` emits) or as one-hot
 ``(B, C)`` rows, computes in float32 whatever the input dtype, returns per-sample values (the Keras reduction
@@ -8,6 +8,9 @@ Each loss carries a class attribute ``head_type`` telling the trainer which mode
 ``"arcface"`` (cosine logits from ``NormDense``), ``"softmax"`` (a plain Dense/softmax head), ``"triplet"`` /
 ``"center"`` (embeddings), ``"distill"`` (teacher embeddings or logits). ``get_head_type(loss)`` answers it for
 any loss, including plain Keras ones (``"softmax"``).
+
+The heads (``NormDense``, ``PartialFCNormDense``) live in ``heads`` and the lazy optimizers in ``optimizers``; their
+names are re-exported here because scripts written for earlier versions import them from ``losses``.
 """
 
 import math
@@ -18,15 +21,18 @@ import numpy as np
 import tensorflow as tf
 
 import utils
+from heads import (  # noqa: F401 (re-exported, see the module docstring)
+    NormDense,
+    PartialFCNormDense,
+    partial_fc_logits,
+    partial_fc_num_sampled,
+    partial_fc_sample,
+    split_norm_column,
+)
+from optimizers import LazyAdam, LazySGD  # noqa: F401 (re-exported)
+from tensor_utils import PACKAGE, checked_labels, float32, global_batch, register, state_variable  # noqa: F401
 
-PACKAGE = "insightface"
-HEAD_TYPES = ("arcface", "softmax", "triplet", "center", "distill")
 ACOS_GRAD_EPS = 1e-6  # gradients of acos are taken at cos clipped to [-1 + eps, 1 - eps]: finite at exactly +/-1
-
-
-def _register(obj):
-    """Register a layer / loss / function under this library's Keras package name."""
-    return keras.saving.register_keras_serializable(package=PACKAGE)(obj)
 
 
 def get_head_type(loss):
@@ -34,7 +40,7 @@ def get_head_type(loss):
     return getattr(loss, "head_type", "softmax")
 
 
-@_register
+@register
 class FunctionLoss(keras.losses.Loss):
     """A per-sample loss function (``fn(y_true, y_pred) -> (B,)``) as a Keras ``Loss``: reduction, ``sample_weight``
     and serialization like the loss classes; keeps the function's ``head_type``."""
@@ -64,11 +70,6 @@ def as_loss(loss):
 
 
 # ---------------------------------------------------------------------------------------------- label handling
-def _float32(tensor):
-    """Cast to float32: losses are computed in full precision under any mixed-precision policy."""
-    return tf.cast(tensor, tf.float32)
-
-
 def _is_sparse(y_true):
     """Sparse labels have rank 1 or a last dimension of 1; everything else is treated as one-hot rows."""
     rank = len(y_true.shape)
@@ -83,26 +84,13 @@ def _labels_and_targets(y_true, num_classes):
     """
     y_true = tf.convert_to_tensor(y_true)
     if _is_sparse(y_true):
-        return _checked_labels(tf.reshape(tf.cast(y_true, tf.int32), [-1]), num_classes), None
+        return checked_labels(tf.reshape(tf.cast(y_true, tf.int32), [-1]), num_classes), None
     if len(y_true.shape) != 2:
         raise ValueError(f"labels must be sparse (B,) / (B, 1) or one-hot (B, C), got shape {y_true.shape}")
     if num_classes is not None and y_true.shape[-1] is not None and y_true.shape[-1] != num_classes:
         raise ValueError(f"one-hot labels have {y_true.shape[-1]} columns but the logits have {num_classes} classes")
-    targets = _float32(y_true)
+    targets = float32(y_true)
     return tf.cast(tf.argmax(targets, axis=-1), tf.int32), targets
-
-
-def _checked_labels(labels, num_classes):
-    """``labels`` after asserting they lie in ``[0, num_classes)`` (a GPU gather would silently read zeros)."""
-    if num_classes is None:
-        return labels
-    message = f"sparse labels must be in [0, {num_classes})"
-    checks = [
-        tf.debugging.assert_non_negative(labels, message=message),
-        tf.debugging.assert_less(labels, tf.constant(num_classes, tf.int32), message=message),
-    ]
-    with tf.control_dependencies(checks):
-        return tf.identity(labels)
 
 
 def _sparse_labels(y_true, num_classes=None):
@@ -147,105 +135,6 @@ def _cross_entropy(labels, targets, y_pred, from_logits=True, label_smoothing=0.
 
 
 # ---------------------------------------------------------------------------------------------- distribution
-def _global_batch(*tensors):
-    """Concatenate ``tensors`` over all replicas (identity with one replica or outside a replica context).
-
-    State updates computed from the global batch are the same on every replica, so mirrored state variables
-    stay in sync instead of each replica applying its own stale view.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return tensors if len(tensors) > 1 else tensors[0]
-    gathered = tuple(context.all_gather(tensor, axis=0) for tensor in tensors)
-    return gathered if len(gathered) > 1 else gathered[0]
-
-
-def _state_variable(value, name):
-    """A non-trainable float32 state variable that may be assigned inside a replica context.
-
-    ``ONLY_FIRST_REPLICA`` is correct because every replica computes the identical update (``_global_batch``).
-    """
-    return tf.Variable(
-        value, dtype=tf.float32, trainable=False, name=name, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA
-    )
-
-
-# ---------------------------------------------------------------------------------------------- cosine head
-@_register
-class NormDense(keras.layers.Layer):
-    """Cosine classifier head: ``l2n(x) @ l2n(W, axis=0)`` with kernel ``(emb, units * loss_top_k)``.
-
-    ``loss_top_k > 1`` is sub-center ArcFace (Deng et al. 2020): ``K`` centers per class, columns class-major,
-    output the max over the K cosines. ``append_norm=True`` (MagFace / AdaFace) appends a last column holding
-    ``-||x||``: negated so that argmax-based accuracy metrics never pick it; ``split_norm_column`` undoes it.
-    Always computes in float32, also under a mixed-precision policy.
-    """
-
-    def __init__(self, units=1000, kernel_regularizer=None, loss_top_k=1, append_norm=False, **kwargs):
-        kwargs.pop("dtype", None)
-        super().__init__(dtype="float32", **kwargs)
-        if int(units) < 1 or int(loss_top_k) < 1:
-            raise ValueError(f"units and loss_top_k must be >= 1, got {units}, {loss_top_k}")
-        self.units, self.loss_top_k, self.append_norm = int(units), int(loss_top_k), bool(append_norm)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_shape[-1], self.units * self.loss_top_k),
-            initializer="glorot_normal",
-            regularizer=self.kernel_regularizer,
-            trainable=True,
-        )
-
-    def call(self, inputs):
-        inputs = keras.ops.cast(inputs, "float32")
-        norm_inputs = _l2_normalize(inputs, axis=1)
-        norm_kernel = _l2_normalize(self.kernel, axis=0)
-        return _class_cosines(self, inputs, keras.ops.matmul(norm_inputs, norm_kernel))
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.units + int(self.append_norm))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "units": self.units,
-                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-                "loss_top_k": self.loss_top_k,
-                "append_norm": self.append_norm,
-            }
-        )
-        return config
-
-
-def _class_cosines(layer, inputs, center_cosines):
-    """Per-class output of a cosine head from the cosines to each (sub-)center column (class-major, K per class):
-    the max over a class's ``loss_top_k`` sub-centers, then the ``-||x||`` column when ``append_norm``."""
-    if layer.loss_top_k > 1:
-        center_cosines = keras.ops.max(
-            keras.ops.reshape(center_cosines, (-1, center_cosines.shape[-1] // layer.loss_top_k, layer.loss_top_k)),
-            axis=2,
-        )
-    if layer.append_norm:
-        norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(inputs), axis=1, keepdims=True))
-        center_cosines = keras.ops.concatenate([center_cosines, -norm], axis=-1)
-    return center_cosines
-
-
-def _l2_normalize(tensor, axis):
-    """L2-normalize with a floor of 1e-10 on the squared norm (a zero row stays zero instead of NaN)."""
-    squared = keras.ops.sum(keras.ops.square(tensor), axis=axis, keepdims=True)
-    return tensor * keras.ops.rsqrt(keras.ops.maximum(squared, 1e-10))
-
-
-def split_norm_column(y_pred):
-    """Split ``NormDense(append_norm=True)`` output into cosines ``(B, C)`` and embedding norms ``(B,)``."""
-    y_pred = _float32(y_pred)
-    return y_pred[:, :-1], -y_pred[:, -1]
-
-
 # ---------------------------------------------------------------------------------------------- margins
 def _safe_acos(cos_t):
     """``acos(c)`` with the exact value on [-1, 1] and a finite gradient also at ``c = +/-1``.
@@ -301,7 +190,7 @@ class _CosineLoss(keras.losses.Loss):
         self.scale, self.from_logits, self.label_smoothing = float(scale), bool(from_logits), float(label_smoothing)
 
     def call(self, y_true, y_pred):
-        cosines = _float32(y_pred)
+        cosines = float32(y_pred)
         labels, targets = _labels_and_targets(y_true, cosines.shape[-1])
         logits = self.margin_logits(cosines, labels)
         return _cross_entropy(labels, targets, logits, self.from_logits, self.label_smoothing)
@@ -337,7 +226,7 @@ class _NormAwareLoss(_CosineLoss):
         return 0.0
 
 
-@_register
+@register
 class ArcfaceLoss(_CosineLoss):
     """Combined-margin ArcFace (InsightFace, Deng et al. 2019): target ``cos(m1*theta + m2) - m3``, times scale.
 
@@ -362,7 +251,7 @@ class ArcfaceLoss(_CosineLoss):
         return config
 
 
-@_register
+@register
 class ArcfaceLossSimple(_CosineLoss):
     """ArcFace as MXNet loss-type 4 (old name ``ArcfaceLossT4``): target ``c*cos m - sqrt(1-c^2)*sin m`` where
     ``c > cos(pi - m)``, else ``c - m*sin(pi - m)`` (arcface_torch ``easy_margin=False``)."""
@@ -384,7 +273,7 @@ class ArcfaceLossSimple(_CosineLoss):
 ArcfaceLossT4 = ArcfaceLossSimple
 
 
-@_register
+@register
 class CosFaceLoss(ArcfaceLoss):
     """CosFace / large-margin cosine loss (Wang et al. 2018): target ``c - m``, times scale.
 
@@ -404,10 +293,10 @@ class CosFaceLoss(ArcfaceLoss):
         return config
 
 
-@_register
+@register
 def scale_softmax(y_true, y_pred, scale=64.0, from_logits=True, label_smoothing=0):
-    """Cross entropy on ``scale * cos`` logits, no margin (the seeds' ``scale_softmax``); per-sample values."""
-    cosines = _float32(y_pred)
+    """Cross entropy on ``scale * cos`` logits, no margin (Keras_insightface's ``scale_softmax``); per-sample values."""
+    cosines = float32(y_pred)
     labels, targets = _labels_and_targets(y_true, cosines.shape[-1])
     return _cross_entropy(labels, targets, cosines * scale, from_logits, label_smoothing)
 
@@ -415,7 +304,7 @@ def scale_softmax(y_true, y_pred, scale=64.0, from_logits=True, label_smoothing=
 scale_softmax.head_type = "arcface"
 
 
-@_register
+@register
 class AdaCosLoss(_CosineLoss):
     """AdaCos (Zhang et al. 2019): logits ``s * c``, no margin, scale fixed at ``sqrt(2) * log(C - 1)`` or dynamic.
 
@@ -439,7 +328,7 @@ class AdaCosLoss(_CosineLoss):
         if num_classes is not None and num_classes < 3:
             raise ValueError(f"AdaCosLoss needs num_classes >= 3, got {num_classes}")
         self.num_classes, self.is_dynamic, self.max_median = num_classes, bool(is_dynamic), float(max_median)
-        self.scale_variable = _state_variable(0.0, "adacos_scale") if self.is_dynamic else None
+        self.scale_variable = state_variable(0.0, "adacos_scale") if self.is_dynamic else None
 
     def fixed_scale(self, num_classes):
         """The AdaCos fixed scale ``sqrt(2) * log(C - 1)``."""
@@ -452,7 +341,7 @@ class AdaCosLoss(_CosineLoss):
         previous = tf.where(self.scale_variable > 0, self.scale_variable, fixed)
         target_cos = _gather_target(cosines, labels)
         non_target_sum = tf.reduce_sum(tf.exp(previous * cosines), axis=-1) - tf.exp(previous * target_cos)
-        target_cos, non_target_sum = _global_batch(tf.stop_gradient(target_cos), tf.stop_gradient(non_target_sum))
+        target_cos, non_target_sum = global_batch(tf.stop_gradient(target_cos), tf.stop_gradient(non_target_sum))
         theta = tf.sort(tf.acos(tf.clip_by_value(target_cos, -1.0, 1.0)))
         theta_med = theta[(tf.shape(theta)[0] - 1) // 2]
         scale = tf.math.log(tf.reduce_mean(non_target_sum)) / tf.cos(tf.minimum(self.max_median, theta_med))
@@ -466,7 +355,7 @@ class AdaCosLoss(_CosineLoss):
         return config
 
 
-@_register
+@register
 class CurricularFaceLoss(ArcfaceLossSimple):
     """CurricularFace (Huang et al. 2020): ArcFace target (``ArcfaceLossSimple``'s) plus hard negatives
     re-weighted, ``c_j -> c_j * (t + c_j)`` where ``c_j > cos(theta_y + m)``; ``t`` is an EMA of the mean
@@ -475,13 +364,13 @@ class CurricularFaceLoss(ArcfaceLossSimple):
     def __init__(self, margin=0.5, scale=64.0, momentum=0.01, from_logits=True, label_smoothing=0, **kwargs):
         super().__init__(margin=margin, scale=scale, from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
         self.momentum = float(momentum)
-        self.hard_scale = _state_variable(0.0, "curricular_t")
+        self.hard_scale = state_variable(0.0, "curricular_t")
 
     def margin_logits(self, cosines, labels):
         target_cos = _gather_target(cosines, labels)
         target = margin_target(target_cos, 1.0, self.margin, 0.0, "linear")
         target_with_margin = margin_target(target_cos, 1.0, self.margin, 0.0, "none")
-        batch_mean = tf.reduce_mean(_global_batch(tf.stop_gradient(target_cos)))
+        batch_mean = tf.reduce_mean(global_batch(tf.stop_gradient(target_cos)))
         hard_scale = self.momentum * batch_mean + (1.0 - self.momentum) * self.hard_scale
         self.hard_scale.assign(hard_scale)
         hard = cosines > tf.expand_dims(target_with_margin, 1)
@@ -494,7 +383,7 @@ class CurricularFaceLoss(ArcfaceLossSimple):
         return config
 
 
-@_register
+@register
 class MagFaceLoss(_NormAwareLoss):
     """MagFace (Meng et al. 2021), on ``NormDense(append_norm=True)`` output. With ``a = clip(||x||, l_a, u_a)``:
     margin ``m(a) = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m`` in the ``ArcfaceLossSimple`` target, plus
@@ -541,7 +430,7 @@ class MagFaceLoss(_NormAwareLoss):
         return config
 
 
-@_register
+@register
 class AdaFaceLoss(_NormAwareLoss):
     """AdaFace (Kim et al. 2022), on ``NormDense(append_norm=True)`` output. With ``a = clip(||x||, 1e-3, 100)``
     (no gradient), EMA batch statistics ``mu, sigma`` (momentum ``mean_std_alpha``, initial 20 / 100, unbiased
@@ -560,12 +449,12 @@ class AdaFaceLoss(_NormAwareLoss):
     ):
         super().__init__(scale=scale, from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
         self.margin, self.margin_alpha, self.mean_std_alpha = float(margin), float(margin_alpha), float(mean_std_alpha)
-        self.batch_mean = _state_variable(20.0, "adaface_batch_mean")
-        self.batch_std = _state_variable(100.0, "adaface_batch_std")
+        self.batch_mean = state_variable(20.0, "adaface_batch_mean")
+        self.batch_std = state_variable(100.0, "adaface_batch_std")
 
     def _update_norm_statistics(self, norms):
         """EMA update of the norm mean / unbiased std from the global batch; returns the new values."""
-        norms = _global_batch(norms)
+        norms = global_batch(norms)
         count = tf.cast(tf.shape(norms)[0], tf.float32)
         mean = tf.reduce_mean(norms)
         std = tf.sqrt(tf.reduce_sum(tf.square(norms - mean)) / tf.maximum(count - 1.0, 1.0))
@@ -591,9 +480,9 @@ class AdaFaceLoss(_NormAwareLoss):
         return config
 
 
-@_register
+@register
 class MarginSoftmax(keras.losses.Loss):
-    """Margin softmax on softmax probabilities (seeds' ``margin_softmax``): the target probability ``p`` is
+    """Margin softmax on softmax probabilities (Keras_insightface's ``margin_softmax``): the target probability ``p`` is
     replaced by ``(p**power + scale * p) / 2`` before the cross entropy (Keras semantics for probabilities)."""
 
     head_type = "softmax"
@@ -604,7 +493,7 @@ class MarginSoftmax(keras.losses.Loss):
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
     def call(self, y_true, y_pred):
-        probs = _float32(y_pred)
+        probs = float32(y_pred)
         labels, targets = _labels_and_targets(y_true, probs.shape[-1])
         target = _gather_target(probs, labels)
         probs = _replace_target(probs, labels, (target**self.power + self.scale * target) / 2.0)
@@ -623,9 +512,9 @@ class MarginSoftmax(keras.losses.Loss):
         return config
 
 
-@_register
+@register
 def margin_softmax(y_true, y_pred):
-    """Function form of ``MarginSoftmax()`` with its defaults, as the seeds' schedules name it."""
+    """Function form of ``MarginSoftmax()`` with its defaults, as Keras_insightface's schedules name it."""
     return MarginSoftmax(reduction=None)(y_true, y_pred)
 
 
@@ -633,7 +522,7 @@ margin_softmax.head_type = "softmax"
 
 
 # ---------------------------------------------------------------------------------------------- center loss
-@_register
+@register
 class CenterLoss(keras.losses.Loss):
     """Center loss (Wen et al. 2016) on embeddings: per sample ``sum((e - c_y)^2) / 2``.
 
@@ -651,23 +540,31 @@ class CenterLoss(keras.losses.Loss):
         super().__init__(**kwargs)
         self.num_classes, self.emb_shape, self.alpha = int(num_classes), int(emb_shape), float(alpha)
         self.initial_file = None if initial_file is None else os.fspath(initial_file)
-        self.centers = _state_variable(self._initial_centers(), "centers")
+        self.centers = state_variable(self._initial_centers(), "centers")
 
     def _initial_centers(self):
-        """Zeros, or the centers stored in ``initial_file`` when it exists (shape checked, no pickle)."""
-        shape = (self.num_classes, self.emb_shape)
+        """Zeros, or the centers stored in ``initial_file`` when it exists."""
         if self.initial_file is None or not os.path.exists(self.initial_file):
-            return np.zeros(shape, dtype="float32")
-        centers = np.load(self.initial_file, allow_pickle=False)
-        if centers.shape != shape:
-            raise ValueError(f"centers in {self.initial_file} have shape {centers.shape}, expected {shape}")
+            return np.zeros((self.num_classes, self.emb_shape), dtype="float32")
+        return self._read_centers(self.initial_file)
+
+    def _read_centers(self, path):
+        """Centers from a ``.npy`` file (no pickle), checked against this loss's shape."""
+        centers = np.load(path, allow_pickle=False)
+        if centers.shape != (self.num_classes, self.emb_shape):
+            expected = (self.num_classes, self.emb_shape)
+            raise ValueError(f"centers in {path} have shape {centers.shape}, expected {expected}")
         return centers.astype("float32")
 
+    def restore_centers(self, path):
+        """Load the centers saved in ``path`` (e.g. by an interrupted run)."""
+        self.centers.assign(self._read_centers(path))
+
     def call(self, y_true, y_pred):
-        embeddings = _float32(y_pred)
+        embeddings = float32(y_pred)
         labels = _sparse_labels(y_true, self.num_classes)
         loss = tf.reduce_sum(tf.square(embeddings - tf.gather(self.centers, labels)), axis=-1) / 2.0
-        update = self._centers_update(*_global_batch(labels, tf.stop_gradient(embeddings)))
+        update = self._centers_update(*global_batch(labels, tf.stop_gradient(embeddings)))
         with tf.control_dependencies([update]):
             return tf.identity(loss)
 
@@ -704,10 +601,10 @@ def _same_label_mask(labels):
 def batch_hard_from_distances(labels, dists, alpha=0.35):
     """Per-anchor batch-hard triplet loss ``max(max_pos d - min_neg d + alpha, 0)`` from distances in [0, 2].
 
-    With cosine distances ``d = 1 - s`` this is the seeds' ``max_neg s - min_pos s + alpha``; a missing positive
-    or negative counts as the bound of the range (as the seeds' fill values 1 / -1 for similarities).
+    With cosine distances ``d = 1 - s`` this is Keras_insightface's ``max_neg s - min_pos s + alpha``; a missing positive
+    or negative counts as the bound of the range (as its fill values 1 / -1 for similarities).
     """
-    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), _float32(dists)
+    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), float32(dists)
     positive = _same_label_mask(labels)
     hardest_pos = tf.reduce_max(tf.where(positive, dists, 0.0), axis=-1)
     hardest_neg = tf.reduce_min(tf.where(positive, 2.0, dists), axis=-1)
@@ -715,9 +612,9 @@ def batch_hard_from_distances(labels, dists, alpha=0.35):
 
 
 def batch_all_from_distances(labels, dists, alpha=0.35):
-    """Per-anchor batch-all loss of the seeds (002), from cosine distances ``d = 1 - s``:
+    """Per-anchor batch-all loss of Keras_insightface, from cosine distances ``d = 1 - s``:
     ``mean_pos d + sum_{valid neg} s / (n_valid + 1)``, valid negatives having ``d - max_pos d < alpha``."""
-    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), _float32(dists)
+    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), float32(dists)
     positive = _same_label_mask(labels)
     pos_dists = tf.where(positive, dists, 0.0)
     pos_loss = tf.reduce_sum(pos_dists, axis=-1) / tf.reduce_sum(tf.cast(positive, tf.float32), axis=-1)
@@ -730,7 +627,7 @@ def batch_all_from_distances(labels, dists, alpha=0.35):
 def batch_all_hermans_from_distances(labels, dists, alpha=0.35):
     """Batch-all of Hermans et al. 2017: mean of ``max(d_ap - d_an + alpha, 0)`` over the triplets where it is
     positive; returned per anchor (anchor sum scaled so that the batch mean is that value). Memory O(B^3)."""
-    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), _float32(dists)
+    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), float32(dists)
     positive = _same_label_mask(labels)
     not_self = tf.logical_not(tf.eye(tf.shape(labels)[0], dtype=tf.bool))
     pos_pairs = tf.logical_and(positive, not_self)
@@ -767,7 +664,7 @@ class _TripletLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         """Under ``tf.distribute`` triplets are mined over the global batch (all-gathered, gradients flow back),
         so the loss equals the one-device loss of the same global batch."""
-        labels, embeddings = _global_batch(_sparse_labels(y_true), _float32(y_pred))
+        labels, embeddings = global_batch(_sparse_labels(y_true), float32(y_pred))
         embeddings = tf.math.l2_normalize(embeddings, axis=-1, epsilon=1e-10)
         return self.loss_fn(labels, self.distance_fn(embeddings), self.alpha)
 
@@ -777,21 +674,21 @@ class _TripletLoss(keras.losses.Loss):
         return config
 
 
-@_register
+@register
 class BatchHardTripletLoss(_TripletLoss):
     """Batch-hard triplet loss (Hermans et al. 2017) on cosine similarity: ``max(max_neg s - min_pos s + alpha, 0)``."""
 
     loss_fn = staticmethod(batch_hard_from_distances)
 
 
-@_register
+@register
 class BatchAllTripletLoss(_TripletLoss):
-    """The seeds' batch-all loss on cosine similarity (see ``batch_all_from_distances``)."""
+    """Keras_insightface's batch-all loss on cosine similarity (see ``batch_all_from_distances``)."""
 
     loss_fn = staticmethod(batch_all_from_distances)
 
 
-@_register
+@register
 class BatchHardTripletLossEuclidean(_TripletLoss):
     """Batch-hard triplet loss on Euclidean distances of L2-normalized embeddings: ``max(max_pos d - min_neg d + a, 0)``."""
 
@@ -799,7 +696,7 @@ class BatchHardTripletLossEuclidean(_TripletLoss):
     loss_fn = staticmethod(batch_hard_from_distances)
 
 
-@_register
+@register
 class BatchAllTripletLossEuclidean(_TripletLoss):
     """Batch-all triplet loss of Hermans et al. 2017 on Euclidean distances of L2-normalized embeddings."""
 
@@ -807,13 +704,13 @@ class BatchAllTripletLossEuclidean(_TripletLoss):
     loss_fn = staticmethod(batch_all_hermans_from_distances)
 
 
-@_register
+@register
 class OfflineTripletLoss(_TripletLoss):
     """Triplet loss on pre-mined triplets: the batch is ``[anchors; positives; negatives]`` (3 equal thirds),
     per triplet ``max(s_an - s_ap + alpha, 0)`` on cosine similarity; labels are ignored."""
 
     def call(self, y_true, y_pred):
-        embeddings = tf.math.l2_normalize(_float32(y_pred), axis=-1, epsilon=1e-10)
+        embeddings = tf.math.l2_normalize(float32(y_pred), axis=-1, epsilon=1e-10)
         batch = embeddings.shape[0]
         if batch is not None and batch % 3:
             raise ValueError(
@@ -826,19 +723,19 @@ class OfflineTripletLoss(_TripletLoss):
 
 
 # ---------------------------------------------------------------------------------------------- distillation
-@_register
+@register
 def distiller_loss_cosine(true_emb, pred_emb):
     """Embedding distillation ``1 - cos(teacher, student)`` per sample."""
-    true_emb = tf.math.l2_normalize(_float32(true_emb), axis=-1, epsilon=1e-10)
-    pred_emb = tf.math.l2_normalize(_float32(pred_emb), axis=-1, epsilon=1e-10)
+    true_emb = tf.math.l2_normalize(float32(true_emb), axis=-1, epsilon=1e-10)
+    pred_emb = tf.math.l2_normalize(float32(pred_emb), axis=-1, epsilon=1e-10)
     return 1.0 - tf.reduce_sum(true_emb * pred_emb, axis=-1)
 
 
-@_register
+@register
 def distiller_loss_euclidean(true_emb, pred_emb):
-    """Embedding distillation ``sum((l2n(teacher) - l2n(student))^2)`` per sample (seed 004)."""
-    true_emb = tf.math.l2_normalize(_float32(true_emb), axis=-1, epsilon=1e-10)
-    pred_emb = tf.math.l2_normalize(_float32(pred_emb), axis=-1, epsilon=1e-10)
+    """Embedding distillation ``sum((l2n(teacher) - l2n(student))^2)`` per sample (Keras_insightface's distillation loss)."""
+    true_emb = tf.math.l2_normalize(float32(true_emb), axis=-1, epsilon=1e-10)
+    pred_emb = tf.math.l2_normalize(float32(pred_emb), axis=-1, epsilon=1e-10)
     return tf.reduce_sum(tf.square(true_emb - pred_emb), axis=-1)
 
 
@@ -846,10 +743,10 @@ distiller_loss_cosine.head_type = "distill"
 distiller_loss_euclidean.head_type = "distill"
 
 
-@_register
+@register
 class DistillKLDivergenceLoss(keras.losses.Loss):
     """Logit distillation (Hinton et al. 2015): ``KL(softmax(t / T) || softmax(s / T))`` per sample, with teacher
-    logits as ``y_true`` and student logits as ``y_pred``; no ``T^2`` factor (as the seeds)."""
+    logits as ``y_true`` and student logits as ``y_pred``; no ``T^2`` factor (as Keras_insightface)."""
 
     head_type = "distill"
 
@@ -860,174 +757,11 @@ class DistillKLDivergenceLoss(keras.losses.Loss):
         self.temperature = float(temperature)
 
     def call(self, y_true, y_pred):
-        teacher_log = tf.nn.log_softmax(_float32(y_true) / self.temperature, axis=-1)
-        student_log = tf.nn.log_softmax(_float32(y_pred) / self.temperature, axis=-1)
+        teacher_log = tf.nn.log_softmax(float32(y_true) / self.temperature, axis=-1)
+        student_log = tf.nn.log_softmax(float32(y_pred) / self.temperature, axis=-1)
         return tf.reduce_sum(tf.exp(teacher_log) * (teacher_log - student_log), axis=-1)
 
     def get_config(self):
         config = super().get_config()
         config["temperature"] = self.temperature
         return config
-
-
-# ---------------------------------------------------------------------------------------------- partial FC
-def partial_fc_num_sampled(num_classes, sample_rate, global_batch=None):
-    """How many classes Partial FC samples: ``ceil(sample_rate * num_classes)``, raised to the global batch size
-    when that is larger (every positive must fit), never more than ``num_classes``."""
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"partial FC sample_rate must be in (0, 1], got {sample_rate}")
-    num_sampled = math.ceil(sample_rate * num_classes)
-    return min(int(num_classes), max(num_sampled, int(global_batch or 0)))
-
-
-def partial_fc_sample(labels, num_classes, sample_rate, step, seed=0):
-    """Sample the Partial FC classes of one step: ``(sampled, remapped)``.
-
-    ``sampled`` (sorted int32 ``(S,)``) holds every class of the GLOBAL batch (labels are all-gathered over the
-    replicas) plus random negatives, ``S = partial_fc_num_sampled(...)``; ``remapped`` are this replica's labels
-    as indices into ``sampled``. The negatives come from stateless random numbers seeded by ``(seed, step)``, so
-    every replica picks the same subset in a step (mirrored centers stay identical) and a rerun picks it again.
-    """
-    local = _checked_labels(tf.reshape(tf.cast(labels, tf.int32), [-1]), num_classes)
-    global_labels = _global_batch(local)
-    num_sampled = partial_fc_num_sampled(num_classes, sample_rate, global_labels.shape[0])
-    if num_sampled >= num_classes:
-        return tf.range(num_classes, dtype=tf.int32), local
-    seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
-    scores = tf.random.stateless_uniform([num_classes], seed=seeds)  # in [0, 1): positives (2.0) always win top_k
-    scores = tf.tensor_scatter_nd_update(scores, global_labels[:, None], tf.fill(tf.shape(global_labels), 2.0))
-    sampled = tf.sort(tf.math.top_k(scores, num_sampled, sorted=False).indices)
-    return sampled, tf.cast(tf.searchsorted(sampled, local), tf.int32)
-
-
-def _sub_center_columns(sampled, loss_top_k):
-    """Kernel columns of the sampled classes: the ``loss_top_k`` class-major sub-centers of each, in order."""
-    if loss_top_k == 1:
-        return sampled
-    return tf.reshape(sampled[:, None] * loss_top_k + tf.range(loss_top_k, dtype=sampled.dtype)[None], [-1])
-
-
-def partial_fc_logits(layer, embeddings, labels, sample_rate, step, seed=0):
-    """Partial FC (An et al. 2021) cosine logits of a ``NormDense`` head over a class sample of this step.
-
-    Returns ``(cosines (B, S[+1]), remapped labels (B,))``: feed them to any cosine loss (``ArcfaceLoss`` etc.)
-    in place of the full head output and labels. Only the sampled centers enter the matmul, so logits and their
-    gradients cost ``O(B x S)``. With a ``PartialFCNormDense`` (class-major kernel) the kernel gradient is an
-    ``IndexedSlices`` over the sampled rows; with a plain ``NormDense`` (kernel ``(emb, classes)``) it is dense.
-    ``sample_rate = 1`` (or ``S >= classes``) is exactly the full head.
-    """
-    sampled, remapped = partial_fc_sample(labels, layer.units, sample_rate, step, seed)
-    if sampled.shape[0] == layer.units:
-        return layer(embeddings), remapped
-    inputs = _float32(embeddings)
-    columns = _sub_center_columns(sampled, layer.loss_top_k)
-    if getattr(layer, "class_major", False):
-        centers = _l2_normalize(_gather_rows(layer.kernel, columns), axis=1)
-        center_cosines = tf.matmul(_l2_normalize(inputs, axis=1), centers, transpose_b=True)
-    else:
-        centers = _l2_normalize(tf.gather(layer.kernel, columns, axis=1), axis=0)
-        center_cosines = tf.matmul(_l2_normalize(inputs, axis=1), centers)
-    return _class_cosines(layer, inputs, center_cosines), remapped
-
-
-@_register
-class PartialFCNormDense(NormDense):
-    """``NormDense`` for Partial FC: the kernel is stored class-major, ``(units * loss_top_k, emb)``, so gathering
-    the sampled centers gives an ``IndexedSlices`` gradient touching only those rows.
-
-    ``layer(x)`` is the full cosine head (evaluation, accuracy); ``layer.partial_call(x, labels, step)`` samples
-    ``sample_rate`` of the classes (``partial_fc_logits``). ``seed`` fixes the sampling sequence.
-    """
-
-    class_major = True
-
-    def __init__(self, units=1000, sample_rate=0.1, seed=0, **kwargs):
-        super().__init__(units, **kwargs)
-        partial_fc_num_sampled(self.units, sample_rate)  # validates the rate
-        self.sample_rate, self.seed = float(sample_rate), int(seed)
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(self.units * self.loss_top_k, input_shape[-1]),
-            initializer="glorot_normal",
-            regularizer=self.kernel_regularizer,
-            trainable=True,
-        )
-
-    def call(self, inputs):
-        inputs = keras.ops.cast(inputs, "float32")
-        norm_kernel = _l2_normalize(self.kernel, axis=1)
-        return _class_cosines(
-            self, inputs, keras.ops.matmul(_l2_normalize(inputs, axis=1), keras.ops.transpose(norm_kernel))
-        )
-
-    def partial_call(self, embeddings, labels, step):
-        """``(cosines over this step's sampled classes, labels remapped to them)``; see ``partial_fc_logits``."""
-        return partial_fc_logits(self, embeddings, labels, self.sample_rate, step, self.seed)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"sample_rate": self.sample_rate, "seed": self.seed})
-        return config
-
-
-# ---------------------------------------------------------------------------------------------- lazy optimizers
-def _gather_rows(variable, indices):
-    """``variable[indices]`` as a sparse read of the resource (``ResourceGather``): gathering from a Keras variable
-    first reads the whole variable, which makes the next scatter into it copy the whole buffer."""
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return tf.gather(variable, indices)
-
-
-def _unique_rows(gradient, dtype):
-    """``(row indices, summed row gradients)`` of an ``IndexedSlices`` with every index once: an all-reduce over
-    replicas concatenates the rows of each replica, and a scatter with repeated indices would keep only one."""
-    indices, positions = tf.unique(gradient.indices)
-    values = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), positions, tf.shape(indices)[0])
-    return indices, values
-
-
-@_register
-class LazySGD(keras.optimizers.SGD):
-    """Keras ``SGD`` that applies an ``IndexedSlices`` gradient (a Partial FC head) lazily: only the gradient's rows
-    of the variable and of its momentum change. Keras' own SGD with momentum decays the momentum of every row and
-    moves every row by it, i.e. ``O(classes)`` work per step. Dense gradients get Keras' update unchanged."""
-
-    def update_step(self, gradient, variable, learning_rate):
-        if not isinstance(gradient, tf.IndexedSlices):
-            return super().update_step(gradient, variable, learning_rate)
-        lr = tf.cast(learning_rate, variable.dtype)
-        indices, grad = _unique_rows(gradient, variable.dtype)
-        if self.momentum == 0:
-            return self.assign_sub(variable, tf.IndexedSlices(grad * lr, indices))
-        momentum_var = self.momentums[self._get_variable_index(variable)]
-        momentum = tf.cast(self.momentum, variable.dtype)
-        rows = _gather_rows(momentum_var, indices) * momentum - grad * lr
-        self.assign(momentum_var, tf.IndexedSlices(rows, indices))
-        step = rows * momentum - grad * lr if self.nesterov else rows
-        return self.assign_add(variable, tf.IndexedSlices(step, indices))
-
-
-@_register
-class LazyAdam(keras.optimizers.Adam):
-    """Keras ``Adam`` that applies an ``IndexedSlices`` gradient lazily: only the gradient's rows of the variable
-    and of its two moments change (the bias correction uses the global step, as TF1's ``LazyAdamOptimizer``).
-    Dense gradients, and ``amsgrad=True``, get Keras' update unchanged."""
-
-    def update_step(self, gradient, variable, learning_rate):
-        if not isinstance(gradient, tf.IndexedSlices) or self.amsgrad:
-            return super().update_step(gradient, variable, learning_rate)
-        dtype = variable.dtype
-        indices, grad = _unique_rows(gradient, dtype)
-        local_step = tf.cast(self.iterations + 1, dtype)
-        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        alpha = tf.cast(learning_rate, dtype) * tf.sqrt(1 - beta_2**local_step) / (1 - beta_1**local_step)
-        index = self._get_variable_index(variable)
-        m_var, v_var = self._momentums[index], self._velocities[index]
-        m_rows = _gather_rows(m_var, indices) * beta_1 + grad * (1 - beta_1)
-        v_rows = _gather_rows(v_var, indices) * beta_2 + tf.square(grad) * (1 - beta_2)
-        self.assign(m_var, tf.IndexedSlices(m_rows, indices))
-        self.assign(v_var, tf.IndexedSlices(v_rows, indices))
-        return self.assign_sub(variable, tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), indices))

@@ -13,12 +13,13 @@ import re
 import keras
 
 from backbones import ghostnet, mobile_facenet, resnest, resnet, vargfacenet
+from formats import normalize_image
 
 EMBEDDING_LAYER_NAME = "embedding"
 OUTPUT_LAYERS = ("E", "GDC", "GAP", "F")
 TF_DEFAULT_BN_MOMENTUM, TF_DEFAULT_BN_EPSILON = 0.99, 1e-3
 
-# keras.applications models the seeds list by name; any other keras.applications name also works.
+# keras.applications models Keras_insightface lists by name; any other keras.applications name also works.
 KERAS_APPLICATION_MODELS = (
     "mobilenet",
     "mobilenetv2",
@@ -90,7 +91,7 @@ CUSTOM_MODELS = _custom_builders()
 NAME_ALIASES = {
     "mobile_facenet": "mobilefacenet",
     "se_mobile_facenet": "se_mobilefacenet",
-    # keras.applications has no ResNet18 / ResNet34: the seeds' "resnet34" is the insightface r34.
+    # keras.applications has no ResNet18 / ResNet34: Keras_insightface's "resnet34" is the insightface r34.
     "resnet18": "r18",
     "resnet34": "r34",
     **{f"iresnet{depth}": f"r{depth}" for depth in resnet.IRESNET_DEPTHS},
@@ -121,7 +122,7 @@ def _name_groups():
 
 
 def print_buildin_models():
-    """Print the backbone names ``buildin_models`` accepts, grouped as in the seeds."""
+    """Print the backbone names ``buildin_models`` accepts, grouped as Keras_insightface printed them."""
     lines = [">>>> buildin_models"] + [f"{group}: {', '.join(names)}" for group, names in _name_groups().items()]
     lines.append("Or other names from keras.applications like DenseNet121 / InceptionV3 / NASNetMobile / VGG19.")
     print("\n".join(lines))
@@ -358,11 +359,12 @@ def add_l2_regularizer_2_model(
 ):
     """Add ``keras.regularizers.L2(weight_decay / 2)`` to the kernels of every trainable conv / dense layer
     (and BatchNormalization gamma / beta, PReLU alpha with ``apply_to_batch_normal``; biases with
-    ``apply_to_bias``). With SGD + momentum this reproduces MXNet's weight decay ``wd`` (SPEC section 7).
+    ``apply_to_bias``). With SGD + momentum this reproduces MXNet's weight decay ``wd``: MXNet's SGD adds ``wd * w`` to the
+    gradient, which is the gradient of an L2 of ``wd / 2``.
 
     The model is changed in place (weights untouched) and returned: both the layer config (so saving keeps it)
     and the variables (so ``model.losses`` includes it) get the regularizer. ``custom_objects`` is accepted for
-    API compatibility with the seeds and unused.
+    API compatibility with Keras_insightface and unused.
     """
     del custom_objects
     if weight_decay < 0:
@@ -492,12 +494,58 @@ def convert_mixed_float16_to_float32(model):
     return convert_to_mixed_float16(model, policy="float32")
 
 
-def load_model(path, custom_objects=None, compile=False, safe_mode=True):
-    """Load a ``.keras`` or ``.h5`` model saved from this library; its custom layers are registered, so
-    ``custom_objects`` is only needed for the user's own layers. ``safe_mode=True`` refuses lambda code."""
-    path = os.fspath(path)
+# ---------------------------------------------------------------------------------------------------------
+# Deployment wrappers (export.build_deploy_model) and the one model loader.
+# ---------------------------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="insightface")
+class NormalizeImage(keras.layers.Layer):
+    """Baked-in preprocessing: 0..255 RGB (uint8) to the model input range, ``formats.normalize_image``."""
+
+    def call(self, inputs):
+        return normalize_image(keras.ops.cast(inputs, "float32"))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="insightface")
+class ResizeImage(keras.layers.Layer):
+    """Bilinear resize of any HxW input to the model's ``(height, width)``.
+
+    Used instead of ``keras.layers.Resizing``, whose ``call(training=True)`` default puts the rest of the graph
+    (BatchNormalization included) in training mode when the deploy model is called without ``training``.
+    """
+
+    def __init__(self, height, width, **kwargs):
+        super().__init__(**kwargs)
+        self.height, self.width = int(height), int(width)
+
+    def call(self, inputs):
+        return keras.ops.image.resize(inputs, (self.height, self.width), interpolation="bilinear")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.height, self.width, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "height": self.height, "width": self.width}
+
+
+def load_model(model, custom_objects=None, compile=False, safe_mode=True):
+    """Load a ``.keras`` or ``.h5`` model saved by this library (a model object is returned as it is).
+
+    Every custom object of the library (backbone layers, heads, losses, lazy optimizers, deployment layers) is
+    registered first, so ``custom_objects`` is only needed for the user's own. ``safe_mode=True`` refuses models
+    that would run pickled Python code (lambdas); pass False only for files you trust.
+    """
+    import heads  # noqa: F401 (importing heads, losses and optimizers registers their classes)
+    import losses  # noqa: F401
+    import optimizers  # noqa: F401
+
+    if isinstance(model, keras.Model):
+        return model
+    path = os.fspath(model)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise FileNotFoundError(f"model not found: {path}")
     if not path.endswith((".keras", ".h5", ".hdf5")):
         raise ValueError(f"unsupported model file {path!r}: expected a .keras or .h5 file")
     return keras.models.load_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)

@@ -2,13 +2,14 @@
 
 They work in any Keras 3 training loop (``model.fit`` or ``train.Train``'s own loop). Learning-rate
 schedulers write the rate into ``model.optimizer.learning_rate`` and also return it, so the standalone objects
-can be used for plotting as in the seeds (``CosineLrScheduler(...).on_epoch_begin(epoch)``).
+can be used for plotting, as in Keras_insightface (``CosineLrScheduler(...).on_epoch_begin(epoch)``).
 """
 
 import math
 import os
 import select
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -17,7 +18,7 @@ from utils import atomic_write, load_json, save_json
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Learning-rate schedules (SPEC §7).
+# Learning-rate schedules.
 # ---------------------------------------------------------------------------------------------------------
 def exp_scheduler(epoch, lr_base=0.001, decay_rate=0.05, lr_min=0, warmup=0):
     """``lr_base`` during ``warmup`` epochs, then ``lr_base * exp(decay_rate * (warmup - epoch))``, floored at ``lr_min``."""
@@ -140,7 +141,8 @@ class CosineLrScheduler(_LrScheduler):
 
 
 def build_lr_scheduler(lr_base, lr_decay, lr_decay_steps, lr_min=0.0, lr_warmup_steps=0, steps_per_epoch=1):
-    """Pick the schedule from the ``Train`` arguments exactly as SPEC §7's table says."""
+    """Pick the schedule from the ``Train`` arguments: a list of epochs -> step decay; ``1 < lr_decay_steps < 500``
+    -> cosine with restarts on epochs; ``>= 500`` -> the same on batches; otherwise exponential decay (README table)."""
     if isinstance(lr_decay_steps, list | tuple):
         return ConstantDecayScheduler(lr_base, lr_decay_steps, lr_decay, warmup_steps=lr_warmup_steps)
     if 1 < lr_decay_steps < 500:
@@ -274,3 +276,30 @@ class NanLossGuard(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.nan_epoch is None:
             self._check(epoch, logs)
+
+
+class UnreadableImagesWarning(UserWarning):
+    """Training images that could not be decoded were skipped."""
+
+
+class UnreadableImagesReport(keras.callbacks.Callback):
+    """At each epoch end, a Python warning naming the training images the input pipeline skipped as unreadable.
+
+    ``skipped`` has a ``drain() -> (count, names)`` method (``data.SkippedImages``); None reports nothing.
+    """
+
+    def __init__(self, skipped, max_names=20):
+        super().__init__()
+        self.skipped, self.max_names = skipped, max_names
+
+    def on_epoch_end(self, epoch, logs=None):
+        count, names = self.skipped.drain() if self.skipped is not None else (0, [])
+        if not count:
+            return
+        unique = sorted(set(names))
+        listed = ", ".join(unique[: self.max_names]) + (
+            f" (+{len(unique) - self.max_names} more)" if len(unique) > self.max_names else ""
+        )
+        unnamed = f"; {count - len(names)} in long runs of unreadable files are not named" if count > len(names) else ""
+        message = f"epoch {epoch + 1}: skipped {count} unreadable training image(s): {listed}{unnamed}"
+        warnings.warn(message, UnreadableImagesWarning, stacklevel=2)

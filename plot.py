@@ -1,8 +1,10 @@
-"""Training-history plots and best-epoch tables, read from ``<stem>_hist.json`` files only.
+"""Figures: training-history plots and best-epoch tables (read from ``<stem>_hist.json`` files only), ROC curves
+and photo-comparison grids. Imports nothing of the library but ``utils``, so every module may use it.
 
 ``hist_plot_split`` draws loss, accuracy, eval accuracies, learning rate and any extra history keys, with
 vertical lines at scheduler stage boundaries; calling it again with the returned ``axes`` overlays another
-run. ``choose_accuracy`` tabulates the best epoch of each run.
+run. ``choose_accuracy`` tabulates the best epoch of each run. ``plot_roc_curves`` draws the ROC of the IJB
+and folder evaluations, ``plot_face_comparison`` what ``evals.py --compare`` compared.
 """
 
 import json
@@ -205,11 +207,37 @@ def _save_figure(fig, save):
         fig.savefig(tmp_path, format=fmt)
 
 
+def _draw_curves(curves, hist, bounds, init_epoch, pre_item, label):
+    """Draw ``(axis, key, style index)`` curves of one run in one colour; returns the last finite value of each key
+    and the run's end epoch (what a continuing run starts from)."""
+    color, last_item = None, {"epoch": init_epoch + len(hist["loss"])}
+    for ax, key, style_idx in curves:
+        style = {"label": label + key, "linestyle": EVAL_LINE_STYLES[style_idx % len(EVAL_LINE_STYLES)]}
+        if color is not None:
+            style["color"] = color
+        line = _plot_curve(ax, hist[key], init_epoch, pre_item.get(key), style)
+        color = line.get_color()  # one colour per run, taken from the axes' cycle by the loss curve
+        if key != "lr":
+            _mark_peaks(ax, hist[key], bounds, init_epoch, pick_min="loss" in key, color=color)
+        finite = hist[key][np.isfinite(hist[key])]
+        if len(finite):
+            last_item[key] = float(finite[-1])
+    return last_item
+
+
+def _finish_panel(ax, bounds, names, init_epoch):
+    _draw_stages(ax, bounds, names, init_epoch)
+    ax.set_xlabel("epoch")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def hist_plot_split(
     history,
     epochs=None,
     names=None,
-    customs=[],  # noqa: B006 -- seeds' signature; never mutated
+    customs=[],  # noqa: B006 -- Keras_insightface's signature; never mutated
     axes=None,
     init_epoch=0,
     pre_item=None,
@@ -243,28 +271,12 @@ def hist_plot_split(
         axes = _new_axes(len(_panel_names(eval_names, custom_keys, eval_split)))
     axes = np.asarray(axes, dtype=object).flatten()
 
-    label = f"{fig_label} " if fig_label else ""
-    color, last_item = None, {"epoch": init_epoch + len(hist["loss"])}
     panels = _key_to_panel(hist, eval_names, custom_keys, eval_split)
     curves = [(_panel_axis(axes, panel), key, idx) for panel, key, idx in panels]  # a too-small grid draws nothing
-    for ax, key, style_idx in curves:
-        style = {"label": label + key, "linestyle": EVAL_LINE_STYLES[style_idx % len(EVAL_LINE_STYLES)]}
-        if color is not None:
-            style["color"] = color
-        line = _plot_curve(ax, hist[key], init_epoch, pre_item.get(key), style)
-        color = line.get_color()  # one colour per run, taken from the axes' cycle by the loss curve
-        if key != "lr":
-            _mark_peaks(ax, hist[key], bounds, init_epoch, pick_min="loss" in key, color=color)
-        finite = hist[key][np.isfinite(hist[key])]
-        if len(finite):
-            last_item[key] = float(finite[-1])
+    last_item = _draw_curves(curves, hist, bounds, init_epoch, pre_item, f"{fig_label} " if fig_label else "")
     for ax in axes:
         if ax.get_visible() and ax.get_title():
-            _draw_stages(ax, bounds, names if ax.get_title() == LOSS_PANEL else None, init_epoch)
-            ax.set_xlabel("epoch")
-            ax.grid(True, alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+            _finish_panel(ax, bounds, names if ax.get_title() == LOSS_PANEL else None, init_epoch)
     fig = axes[0].figure
     fig.tight_layout()
     if save:
@@ -291,7 +303,7 @@ def choose_accuracy(histories, key_pick=None, eval_names=None, skip_name_len=0, 
 
     ``histories``: a ``_hist.json`` path or dict, or a list of them (one row each). ``key_pick`` defaults to
     ``agedb_30`` when logged, else the last eval bin. ``epoch`` in the tables is 1-based, as in checkpoint
-    names. With ``verbose`` it also prints, as the seeds did, each bin's own maximum and the epoch with the
+    names. With ``verbose`` it also prints, as Keras_insightface did, each bin's own maximum and the epoch with the
     best sum of all bins. Returns the ``key_pick`` table as a pandas DataFrame (``sort_metric``: sorted by it).
     """
     import pandas as pd
@@ -324,3 +336,54 @@ def choose_accuracy(histories, key_pick=None, eval_names=None, skip_name_len=0, 
             print(f">>>> {title}:")
             print(frame.to_string(float_format="%.4f"))
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation figures: ROC curves and photo comparisons.
+# ---------------------------------------------------------------------------------------------------------
+def plot_roc_curves(curves, save_path, title="ROC", xlim=(1e-6, 1), ylim=(0.3, 1.0)):
+    """Plot ``{name: (fpr, tpr, auc)}`` ROC curves on a log FPR axis into a figure file, atomically."""
+    fig, axis = plt.subplots(figsize=(8, 6))
+    for name, (fpr, tpr, roc_auc) in curves.items():
+        axis.plot(fpr, tpr, lw=1, label=f"{name} (AUC = {roc_auc * 100:.2f}%)")
+    axis.set(xlim=xlim, ylim=ylim, xscale="log", xlabel="False Positive Rate", ylabel="True Positive Rate", title=title)
+    axis.grid(linestyle="--", linewidth=0.5)
+    axis.legend(loc="lower right")
+    fig.tight_layout()
+    _save_figure(fig, os.fspath(save_path))
+    plt.close(fig)
+    return save_path
+
+
+def _score_cell(axis, score, threshold, diagonal):
+    """One cell of the comparison grid: the score on green (same person), red (different) or grey."""
+    if diagonal or threshold is None:
+        color, verdict = "#e0e0e0", ""
+    else:
+        color, verdict = ("#b9e3b0", "same") if score > threshold else ("#f2b8b5", "different")
+    axis.set(xticks=[], yticks=[], facecolor=color)
+    axis.text(0.5, 0.5, f"{score:.3f}\n{verdict}", ha="center", va="center", fontsize=8, transform=axis.transAxes)
+
+
+def plot_face_comparison(crops, names, similarity, threshold, save_path):
+    """Save a grid of a photo comparison: the aligned crops along the top and the left side, and in each cell the
+    cosine similarity of the two faces, green when called the same person (score > ``threshold``), red when not."""
+    count = len(crops)
+    size = 1.4 if count <= 6 else 0.9
+    fig, axes = plt.subplots(count + 1, count + 1, figsize=(size * (count + 1), size * (count + 1)), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for index, (crop, name) in enumerate(zip(crops, names)):
+        axes[0, index + 1].imshow(crop)
+        axes[0, index + 1].set_title(name if len(name) <= 16 else name[:7] + "..." + name[-6:], fontsize=7)
+        axes[index + 1, 0].imshow(crop)
+    for row in range(count):
+        for col in range(count):
+            axes[row + 1, col + 1].axis("on")
+            _score_cell(axes[row + 1, col + 1], similarity[row][col], threshold, row == col)
+    rule = "no threshold" if threshold is None else f"same person when > {threshold:.3f}"
+    fig.suptitle(f"cosine similarity ({rule})", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, os.fspath(save_path))
+    plt.close(fig)
+    return save_path

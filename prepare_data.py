@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Dataset preparation: MXNet RecordIO <-> class folders (pure Python), old-format ``.bin`` re-encoding,
-verification ``.bin`` from a class folder, and the synthetic demo dataset.
+verification ``.bin`` from a class folder, raw photos -> aligned face crops (``--align``, face detection with
+``face_detector``), and the synthetic demo dataset.
 
-RecordIO layout (SPEC §2, dmlc-core): each record is ``uint32 magic 0xced7230a``, ``uint32 lrec``
+RecordIO layout (dmlc-core, as MXNet writes it): each record is ``uint32 magic 0xced7230a``, ``uint32 lrec``
 (``cflag = lrec >> 29``, ``length = lrec & (2**29 - 1)``) and ``length`` payload bytes padded to 4. The dmlc
 writer splits a payload at every 4-byte-aligned occurrence of the magic word (cflag 1 = first, 2 = middle,
 3 = last part) and drops that word, so joining the parts puts the magic word back between them. A payload is
@@ -10,15 +11,16 @@ a ``'<IfQQ'`` header (flag, label, id, id2), ``flag`` float32 labels when ``flag
 """
 
 import argparse
+import io
 import os
 import struct
 import sys
 import warnings
-from collections import namedtuple
+from collections import Counter, namedtuple
 
 import numpy as np
 
-from utils import atomic_write, save_bytes
+from utils import atomic_write, run_main, save_bytes
 
 RECORDIO_MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
@@ -355,10 +357,192 @@ def make_bin_from_folder(folder, dest_path, num_pairs=3000, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Raw photos -> aligned class folder (face detection + ArcFace alignment).
+# ---------------------------------------------------------------------------------------------------------
+ALIGN_JOURNAL = ".align_journal.csv"  # one row per finished image, appended: what a resumed run skips
+ALIGN_OPTIONS = ".align_options.json"
+ALIGN_REPORT = "align_report.csv"
+REPORT_FIELDS = ("image", "status", "faces", "detail")
+
+
+def _output_stems(rel_paths):
+    """``<class>/<stem>`` of each raw image's crop; ``<class>/<stem>_<ext>`` where two files of a class share a stem."""
+    stems = [os.path.splitext(rel)[0] for rel in rel_paths]
+    counts = Counter(stems)
+    return {
+        rel: stem if counts[stem] == 1 else f"{stem}_{os.path.splitext(rel)[1][1:]}"
+        for rel, stem in zip(rel_paths, stems)
+    }
+
+
+def _check_align_options(out_dir, options):
+    """Record the options of an output folder; refuse to resume it with different ones (crops would not match)."""
+    from utils import load_json, save_json
+
+    path = os.path.join(out_dir, ALIGN_OPTIONS)
+    previous = load_json(path)
+    if previous is not None and previous != options:
+        raise ValueError(f"{out_dir} was aligned with {previous}, not {options}: use another output folder")
+    if previous is None:
+        save_json(path, options)
+
+
+def read_align_journal(path):
+    """Rows (dicts of ``REPORT_FIELDS``) of an alignment journal. A last line cut short by a kill is removed from
+    the file, so its image is simply done again."""
+    import csv
+
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb+") as ff:
+        content = ff.read()
+        complete = content[: content.rfind(b"\n") + 1]
+        if len(complete) != len(content):
+            ff.truncate(len(complete))
+    return list(csv.DictReader(io.StringIO(complete.decode("utf-8")), fieldnames=REPORT_FIELDS))
+
+
+def _decode(raw_dir, rel):
+    """(rel, image or None, detail): a failed decode becomes an ``unreadable`` row instead of an exception."""
+    from face_detector import load_image
+
+    try:
+        return rel, load_image(os.path.join(raw_dir, rel), name=rel), ""
+    except OSError as err:  # UnreadableImageError is a ValueError; a vanished file is an OSError
+        return rel, None, f"{type(err).__name__}: {err}"
+    except ValueError as err:
+        return rel, None, str(err)
+
+
+def _write_crops(rel, image, faces, out_stem, options):
+    """Select, align and save (atomically) the crops of one image; returns its journal row."""
+    from data import encode_jpeg
+    from face_detector import align_faces, select_faces
+
+    height, width = image.shape[:2]
+    if not faces:
+        return rel, "no_face", 0, f"no face found in {width}x{height} image"
+    kept = select_faces(faces, image.shape, options["keep"])
+    crops = align_faces(image, kept, tuple(options["image_size"]))
+    for index, crop in enumerate(crops):
+        suffix = f"_{index}" if options["keep"] == "all" else ""
+        save_bytes(out_stem + suffix + ".jpg", encode_jpeg(crop))
+    if len(faces) == 1:
+        return rel, "ok", 1, ""
+    scores = ", ".join(f"{face.score:.3f}" for face in faces)
+    return (
+        rel,
+        "several_faces",
+        len(faces),
+        f"{len(faces)} faces (scores {scores}); kept {len(kept)} ({options['keep']})",
+    )
+
+
+AlignJob = namedtuple("AlignJob", ["raw_dir", "out_dir", "stems", "options", "detector"])
+
+
+def _align_chunk(pool, decoded, job):
+    """Detect the faces of one chunk of decoded images (batched, in this thread), then hand cropping and saving
+    to ``pool``. Returns the futures of the chunk's journal rows, in order."""
+    readable = [(rel, image) for rel, image, _ in decoded if image is not None]
+    faces_of = dict(zip((rel for rel, _ in readable), job.detector.detect_batch([image for _, image in readable])))
+    futures = []
+    for rel, image, detail in decoded:
+        if image is None:
+            futures.append(pool.submit(tuple, (rel, "unreadable", 0, detail)))
+        else:
+            out_stem = os.path.join(job.out_dir, job.stems[rel])
+            futures.append(pool.submit(_write_crops, rel, image, faces_of[rel], out_stem, job.options))
+    return futures
+
+
+def align_folder(raw_dir, out_dir, image_size=(112, 112), keep="largest", workers=None, detector=None, chunk_size=64):
+    """Detect, align and save the faces of ``raw_dir/<class>/<photo>`` into ``out_dir/<class>/<stem>.jpg``.
+
+    ``keep``: ``"largest"`` or ``"central"`` face (one crop per photo) or ``"all"`` (``<stem>_<k>.jpg``, largest
+    first). The detector runs in this thread on batches of equal-sized photos (TensorFlow spreads it over the
+    cores) while ``workers`` threads decode the next chunk and warp, encode and save the previous one.
+    Resumable: each finished photo is appended to a journal and skipped by the next run; crops are written
+    atomically. Photos without a face, with several faces or unreadable are listed in ``out_dir/align_report.csv``.
+    Returns a summary dict with the count of each status.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data import scan_class_folder
+
+    if keep not in ("largest", "central", "all"):
+        raise ValueError(f"keep must be largest, central or all, got {keep!r}")
+    raw_root, out_root = os.path.realpath(raw_dir), os.path.realpath(out_dir)
+    if os.path.commonpath([raw_root, out_root]) == raw_root:
+        raise ValueError(f"the output folder {out_dir} must not be inside the photo folder {raw_dir}")
+    paths, _, _ = scan_class_folder(raw_dir)
+    rel_paths = [os.path.relpath(path, raw_dir) for path in paths]
+    options = {"image_size": [int(size) for size in image_size], "keep": keep, "detector": "mtcnn"}
+    _check_align_options(out_dir, options)
+    journal_path = os.path.join(out_dir, ALIGN_JOURNAL)
+    done = {row["image"] for row in read_align_journal(journal_path)}
+    todo = [rel for rel in rel_paths if rel not in done]
+    if todo and detector is None:
+        from face_detector import FaceDetector
+
+        detector = FaceDetector()
+    job = AlignJob(raw_dir, out_dir, _output_stems(rel_paths), options, detector)
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        _run_align_chunks(pool, job, todo, len(rel_paths), chunk_size)
+    return _write_align_report(out_dir, rel_paths, journal_path)
+
+
+def _run_align_chunks(pool, job, todo, total, chunk_size):
+    """The alignment pipeline: decode chunk k+1 and save chunk k-1 in ``pool`` while chunk k is detected; each
+    saved photo's row is then appended to the journal and flushed (a kill loses at most two chunks of work)."""
+    import csv
+
+    from tqdm import tqdm
+
+    chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
+    decoding = [pool.submit(_decode, job.raw_dir, rel) for rel in chunks[0]] if chunks else []
+    saving = []
+    journal_path = os.path.join(job.out_dir, ALIGN_JOURNAL)
+    with (
+        open(journal_path, "a", newline="", encoding="utf-8") as journal,
+        tqdm(total=total, desc="Aligning", unit="img") as progress,
+    ):
+        writer = csv.writer(journal, lineterminator="\n")
+        progress.update(total - len(todo))
+        for index in range(len(chunks) + 1):
+            decoded = [future.result() for future in decoding]
+            following = chunks[index + 1] if index + 1 < len(chunks) else []
+            decoding = [pool.submit(_decode, job.raw_dir, rel) for rel in following]
+            detected = _align_chunk(pool, decoded, job) if decoded else []
+            for future in saving:
+                writer.writerow(future.result())
+                journal.flush()
+                progress.update()
+            saving = detected
+
+
+def _write_align_report(out_dir, rel_paths, journal_path):
+    """Write ``align_report.csv`` (atomically) with every photo that is not a clean single face; return counts."""
+    import csv
+
+    wanted = set(rel_paths)
+    rows = {row["image"]: row for row in read_align_journal(journal_path) if row["image"] in wanted}
+    counts = Counter(row["status"] for row in rows.values())
+    report_path = os.path.join(out_dir, ALIGN_REPORT)
+    with atomic_write(report_path) as tmp_path, open(tmp_path, "w", newline="", encoding="utf-8") as ff:
+        writer = csv.DictWriter(ff, fieldnames=REPORT_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows[rel] for rel in sorted(rows) if rows[rel]["status"] != "ok")
+    summary = {"out_dir": out_dir, "images": len(rel_paths), "report": report_path}
+    summary.update({status: counts.get(status, 0) for status in ("ok", "several_faces", "no_face", "unreadable")})
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------
 def _resolve_bin(path, data_dir):
-    """``-T`` names are taken as given, or relative to ``-D`` as in the seeds' usage."""
+    """``-T`` names are taken as given, or relative to ``-D`` as Keras_insightface's usage had it."""
     if not os.path.exists(path) and data_dir and os.path.exists(os.path.join(data_dir, path)):
         return os.path.join(data_dir, path)
     return path
@@ -386,17 +570,34 @@ def parse_arguments(argv):
     parser.add_argument(
         "-B", "--bin_from_folder", metavar="FOLDER", help="Build a verification .bin (-o OUT.bin) from a class folder"
     )
-    parser.add_argument("-o", "--output", help="Output of -P (a folder) or -B (a .bin file)")
-    parser.add_argument("--pairs", type=int, default=3000, help="Number of pairs for -B (half genuine, half impostor)")
+    parser.add_argument(
+        "--align", metavar="RAW_DIR", help="Detect and align the faces of RAW_DIR/<class>/<photo> into -o OUT_DIR"
+    )
+    parser.add_argument("-o", "--output", help="Output of -P (a folder), -B (a .bin file) or --align (a folder)")
+    parser.add_argument("--bin", metavar="OUT.bin", help="--align: also write a verification .bin of the crops")
+    parser.add_argument(
+        "--keep", default="largest", choices=("largest", "central", "all"), help="--align: faces kept per photo"
+    )
+    parser.add_argument(
+        "--image_size", type=int, nargs="+", default=[112], help="--align: crop size, SIZE or HEIGHT WIDTH"
+    )
+    parser.add_argument("--workers", type=int, default=0, help="--align: decode / save threads (0: one per core)")
+    parser.add_argument(
+        "--pairs", type=int, default=3000, help="Number of pairs for -B and --bin (half genuine, half impostor)"
+    )
     parser.add_argument("--demo", metavar="DIR", help="Generate the synthetic demo dataset into DIR")
     parser.add_argument("--classes", type=int, default=100, help="Demo: number of training identities")
     parser.add_argument("--images", type=int, default=30, help="Demo: images per identity")
-    parser.add_argument("--seed", type=int, default=0, help="Random seed for --demo and -B")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed for --demo, -B and --bin")
     args = parser.parse_args(argv)
-    if not (args.data_dir or args.test_bins or args.pack or args.bin_from_folder or args.demo):
-        parser.error("nothing to do: give -D, -T, -P, -B or --demo")
-    if (args.pack or args.bin_from_folder) and not args.output:
-        parser.error("-P and -B need -o")
+    if not (args.data_dir or args.test_bins or args.pack or args.bin_from_folder or args.demo or args.align):
+        parser.error("nothing to do: give -D, -T, -P, -B, --align or --demo")
+    if (args.pack or args.bin_from_folder or args.align) and not args.output:
+        parser.error("-P, -B and --align need -o")
+    if len(args.image_size) > 2 or min(args.image_size) < 1:
+        parser.error("--image_size takes SIZE or HEIGHT WIDTH, positive")
+    if args.bin and not args.align:
+        parser.error("--bin goes with --align")
     return args
 
 
@@ -425,8 +626,13 @@ def main(argv=None):
         print(">>>> Packed:", pack_folder(args.pack, args.output))
     if args.bin_from_folder:
         print(">>>> Bin:", make_bin_from_folder(args.bin_from_folder, args.output, args.pairs, args.seed))
+    if args.align:
+        size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
+        print(">>>> Aligned:", align_folder(args.align, args.output, size, args.keep, args.workers or None))
+        if args.bin:
+            print(">>>> Bin:", make_bin_from_folder(args.output, args.bin, args.pairs, args.seed))
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

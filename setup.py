@@ -1,23 +1,12 @@
 """Installs the flat top-level modules (``import train, losses, models``) and ``backbones``."""
 
+import os
+
 from setuptools import setup
 
-MODULES = [
-    "data",
-    "demo_data",
-    "evals",
-    "export",
-    "IJB_evals",
-    "losses",
-    "models",
-    "myCallbacks",
-    "plot",
-    "prepare_data",
-    "data_drop_top_k",
-    "data_distiller",
-    "train",
-    "utils",
-]
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Every top-level module of the repository is part of the library (users import them by name).
+MODULES = sorted(name[:-3] for name in os.listdir(HERE) if name.endswith(".py") and name != "setup.py")
 
 setup(
     name="keras_insightface",
@@ -35,6 +24,7 @@ setup(
         "scikit-image>=0.22",
         "scikit-learn",
         "matplotlib",
+        "mtcnn>=1.0",  # face detector; its weights ship inside the wheel
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime"],

@@ -1,12 +1,14 @@
-"""Small helpers shared by every module: atomic file writes and JSON persistence.
+"""Small helpers shared by every module: atomic file writes, JSON persistence and the CLI error policy.
 
 Every checkpoint, history, cache and converted file goes through ``atomic_write`` so that a kill at any
-moment leaves either the old file or the new one, never a half-written one.
+moment leaves either the old file or the new one, never a half-written one. Every command-line script runs its
+``main`` through ``run_main``: bad input is reported in one line, not a traceback.
 """
 
 import contextlib
 import json
 import os
+import sys
 import tempfile
 
 _UMASK = os.umask(0)
@@ -52,3 +54,23 @@ def load_json(path, default=None):
         return default
     with open(path) as ff:
         return json.load(ff)
+
+
+# Errors that mean "the input is wrong" (missing / corrupt / truncated file, bad argument value, optional package
+# not installed), as opposed to a bug in the program, whose traceback must stay visible.
+EXPECTED_ERRORS = (OSError, ValueError, ImportError)
+
+
+def run_main(main, argv=None):
+    """Run a command-line ``main(argv)``: an expected error prints ``<script>: error: <message>`` as one line on
+    stderr and exits with status 2; any other exception keeps its traceback. Returns ``main``'s exit status."""
+    try:
+        status = main(argv)
+    except EXPECTED_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        return 130
+    return status if isinstance(status, int) else 0

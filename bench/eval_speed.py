@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed of the evaluation metrics (issue 6), printed as one JSON line.
 
-- ``metrics_6000_pairs_s``: all SPEC §5 metrics (best-threshold, 10-fold, VAL@FAR) for 6,000 pairs of 512-d
+- ``metrics_6000_pairs_s``: all verification metrics (best-threshold, 10-fold, VAL@FAR) for 6,000 pairs of 512-d
   embeddings (best of 5 runs).
 - IJB-C-sized 1:1 protocol with random data: 23,124 templates of 512-d, 15,658,489 random pairs (19,557
   genuine): time of ``pair_scores`` and of the ROC / TAR@FAR step, and peak memory (``tracemalloc`` peak of

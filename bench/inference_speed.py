@@ -1,4 +1,4 @@
-"""Inference benchmark of exported models: size, latency and agreement with Keras (seed 001's TFLite tables).
+"""Inference benchmark of exported models: size, latency and agreement with Keras (as Keras_insightface's TFLite tables).
 
 For each model of the zoo (GDC head), exports TFLite float32 / float16 / dynamic-range / full-integer uint8 and
 ONNX (when tf2onnx and onnxruntime are installed), then times single-image inference with the TFLite interpreter

@@ -20,9 +20,10 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from test_train import tiny_basic_model  # noqa: E402
+from helpers import tiny_basic_model  # noqa: E402
 
 import losses  # noqa: E402
+import runner  # noqa: E402
 import train  # noqa: E402
 
 keras.utils.set_random_seed(0)
@@ -47,7 +48,7 @@ print(
             "trainable": trainable,
             "moving": moving,
             "chief": tt.is_chief,
-            "workers": train._num_workers(strategy),  # 2: each worker reads its own shard of the files
+            "workers": runner.num_workers(strategy),  # 2: each worker reads its own shard of the files
         }
     )
 )

@@ -6,7 +6,7 @@ import signal
 
 import keras
 import numpy as np
-from test_train import tiny_basic_model
+from helpers import tiny_basic_model
 
 import losses
 import train
@@ -25,6 +25,37 @@ class KillMidEpoch(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def slots_sum(optimizer):
+    """Sum of |value| over the optimizer's slot variables (not its step count and learning rate)."""
+    slots = [var for var in optimizer.variables if var.path.split("/")[-1] not in ("iteration", "learning_rate")]
+    return f"{sum(float(np.abs(var.numpy()).sum()) for var in slots):.6f}"
+
+
+class ReportOptimizer(keras.callbacks.Callback):
+    """Print the optimizer's step count and slots at each epoch end (the checkpoint holds these values)."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = self.trainer.optimizer
+        print(f"epoch {epoch + 1} optimizer slots sum {slots_sum(optimizer)}", flush=True)
+        print(f"epoch {epoch + 1} optimizer iterations {int(optimizer.iterations.numpy())}", flush=True)
+
+
+class ReportCenters(keras.callbacks.Callback):
+    """Print the center-loss centers the run starts from (restored from the centers file after a restart)."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_train_begin(self, logs=None):
+        centers = self.trainer.center_loss.centers.numpy()
+        print(f"initial centers sum {np.abs(centers).sum():.4f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
@@ -41,21 +72,12 @@ def main():
         lr_decay_steps=[2],
         verbose=1,
     )
-    original = tt._make_center_loss
-
-    def make_center_loss(alpha=0.5):
-        center_loss = original(alpha)
-        print(f"initial centers sum {np.abs(center_loss.centers.numpy()).sum():.4f}", flush=True)
-        return center_loss
-
-    tt._make_center_loss = make_center_loss
+    tt.custom_callbacks += [ReportCenters(tt), ReportOptimizer(tt)]
     if args.kill_at_epoch >= 0:
-        original_callbacks = tt._callbacks
-        tt._callbacks = lambda *cb_args: keras.callbacks.CallbackList(
-            [*original_callbacks(*cb_args).callbacks, KillMidEpoch(args.kill_at_epoch)], model=cb_args[0]
-        )
+        tt.custom_callbacks.append(KillMidEpoch(args.kill_at_epoch))
     if tt.optimizer is not None:
-        print(f"restored optimizer iterations {int(tt.optimizer.iterations.numpy())}", flush=True)
+        iterations, slots = int(tt.optimizer.iterations.numpy()), slots_sum(tt.optimizer)
+        print(f"restored optimizer iterations {iterations} slots sum {slots}", flush=True)
     sch = [{"loss": losses.ArcfaceLoss(scale=16), "centerloss": 0.01, "optimizer": "adam", "epoch": 4}]
     tt.train(sch, 0)
 

@@ -282,3 +282,50 @@ def test_triplet_batches_stay_p_by_k_around_a_corrupt_image(tmp_path):
     for _, targets in ds.dataset.take(12):  # the broken file is drawn in many of these class visits
         groups = targets["label"].numpy().reshape(2, 4)
         assert (groups == groups[:, :1]).all()
+
+
+def _folder_with_unreadable_files(root):
+    """4 classes x 3 lossless images (``_constant_image_folder``) plus a truncated JPEG, a random-bytes ``.jpg`` and
+    a text file named ``.png``; returns the three bad paths."""
+    _constant_image_folder(root, num_classes=4, per_class=3)
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    bad = {
+        os.path.join(root, "0", "truncated.jpg"): buffer.getvalue()[: len(buffer.getvalue()) // 2],
+        os.path.join(root, "1", "random.jpg"): np.random.default_rng(1).bytes(300),
+        os.path.join(root, "2", "text.png"): b"this is a text file, not a PNG\n",
+    }
+    for path, content in bad.items():
+        with open(path, "wb") as ff:
+            ff.write(content)
+    return sorted(bad)
+
+
+def test_unreadable_images_are_skipped_and_named(tmp_path):
+    """15 files, 3 unreadable: a 2-epoch read of the 12 good images records all three bad files by name."""
+    bad = _folder_with_unreadable_files(str(tmp_path / "ds"))
+    ds = data.prepare_dataset(
+        str(tmp_path / "ds"), batch_size=4, img_shape=(8, 8), random_status=-1, cache_dir=str(tmp_path / "c"), seed=0
+    )
+    pixels, labels = _pixels_and_labels(ds.dataset, 6)  # 24 images: every file is drawn at least once
+    assert set(pixels) == {10 * kk + 5 for kk in range(12)}  # only the good images, each in its own class
+    assert labels == [(pixel - 5) // 10 // 3 for pixel in pixels]
+    count, names = ds.skipped.drain()
+    assert count >= 3 and sorted(set(names)) == bad and count == len(names)
+    assert ds.skipped.drain() == (0, [])  # drained
+
+
+def test_verify_images_decodes_fully_and_caches(tmp_path, monkeypatch):
+    bad = _folder_with_unreadable_files(str(tmp_path / "ds"))
+    cache = str(tmp_path / "cache")
+    found = data.pre_process_folder(str(tmp_path / "ds"), cache_dir=cache, verify_images=True)
+    assert len(found["image_names"]) == 12 and not set(bad) & set(found["image_names"].tolist())
+    monkeypatch.setattr(data, "undecodable_indices", lambda *args, **kwargs: pytest.fail("verified again"))
+    again = data.pre_process_folder(str(tmp_path / "ds"), cache_dir=cache, verify_images=True)
+    assert again["image_names"].tolist() == found["image_names"].tolist()  # the verified list came from the cache
+
+
+def test_undecodable_indices_of_encoded_images():
+    good = data.encode_jpeg(np.zeros((6, 6, 3), np.uint8))
+    encoded = [good, b"garbage", good, good[: len(good) // 2], good]
+    assert data.undecodable_indices(encoded, is_path=False).tolist() == [1, 3]

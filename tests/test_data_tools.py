@@ -14,6 +14,7 @@ import data
 import data_distiller
 import data_drop_top_k
 import prepare_data
+import utils
 
 MAGIC = struct.pack("<I", 0xCED7230A)
 
@@ -158,6 +159,18 @@ def test_truncated_rec_names_the_record(packed, cut, message):
         prepare_data.recordio_to_folders(packed)
 
 
+def test_cli_reports_a_truncated_rec_in_one_line(packed, capsys):
+    rec_path = os.path.join(packed, "train.rec")
+    index = prepare_data.read_idx(os.path.join(packed, "train.idx"))
+    with open(rec_path, "r+b") as ff:
+        ff.truncate(index[7] + 20)
+    assert utils.run_main(prepare_data.main, ["-D", packed]) == 2
+    err = capsys.readouterr().err  # besides the error line, stderr holds only the progress bar
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert "Traceback" not in err and len(errors) == 1
+    assert f": error: {rec_path}: record 7 at offset {index[7]}: truncated file" in errors[0]
+
+
 def test_count_mismatch_is_reported(packed):
     idx_path = os.path.join(packed, "train.idx")
     with open(idx_path) as ff:
@@ -273,12 +286,12 @@ def test_distiller_tfrecord_npz_fp16(png_folder, teacher_file, tmp_path):
 def test_distiller_resumes_after_interruption(png_folder, teacher_file, tmp_path, monkeypatch):
     real_embed, calls, interrupted = data_distiller.embed_images, [], []
 
-    def failing_embed(teacher, names, batch_size):
+    def failing_embed(teacher, names, batch_size, **kwargs):
         calls.append(len(names))
         if len(calls) == 2 and not interrupted:
             interrupted.append(True)
             raise KeyboardInterrupt
-        return real_embed(teacher, names, batch_size)
+        return real_embed(teacher, names, batch_size, **kwargs)
 
     dest = str(tmp_path / "resume.tfrecord")
     monkeypatch.setattr(data_distiller, "embed_images", failing_embed)

@@ -21,6 +21,7 @@ def _raw_pixel_best_accuracy(bin_path):
     return max(np.mean((scores > tt) == issame) for tt in candidates)
 
 
+@pytest.mark.slow
 def test_raw_pixels_fail_on_the_main_job_bin(tmp_path):
     """The exact .bin of the README main job: raw-pixel cosine scores at most 0.75 (training reaches > 0.9)."""
     paths = demo_data.make_demo_dataset(str(tmp_path / "demo"), seed=0, **demo_data.DEMO_JOB)

@@ -1,8 +1,10 @@
-"""Tests of evals.py: SPEC §5 metrics against independent loop-based references, the callback and the CLI."""
+"""Tests of evals.py: verification metrics against independent loop-based references, the callback and the CLI."""
 
 import io
 import os
 import pickle
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -13,10 +15,12 @@ from sklearn.model_selection import KFold
 
 import data
 import evals
+import metrics as metric_functions
+import utils
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Independent references, written from SPEC §5 (loops, float64).
+# Independent references, written from the metric definitions (loops, float64).
 # ---------------------------------------------------------------------------------------------------------
 def reference_accuracy(threshold, dist, issame):
     predict = dist < threshold
@@ -99,7 +103,7 @@ def test_best_threshold_accuracy_matches_brute_force():
     embeddings, issame = random_pair_embeddings(3000, noise=1.2, seed=3)
     scores = np.sum(embeddings[0::2] * embeddings[1::2], 1)
     accuracy, thresh = evals.best_threshold_accuracy(scores, issame)
-    # the seeds' loop over the candidate thresholds (top 10% of impostor scores), first maximum
+    # Keras_insightface's loop over the candidate thresholds (top 10% of impostor scores), first maximum
     impostor = np.sort(scores[~issame])
     candidates = impostor[-int(0.1 * impostor.size) :]
     counts = [np.sum(scores[issame] > tt) + np.sum(scores[~issame] <= tt) for tt in candidates]
@@ -123,7 +127,7 @@ def test_best_threshold_accuracy_hand_worked():
 def test_kfold_slices_match_sklearn():
     for num_pairs in (10, 57, 6000):
         expected = [test for _, test in KFold(n_splits=10, shuffle=False).split(np.arange(num_pairs))]
-        got = [np.arange(num_pairs)[ss] for ss in evals._kfold_slices(num_pairs)]
+        got = [np.arange(num_pairs)[ss] for ss in metric_functions._kfold_slices(num_pairs)]
         assert all(np.array_equal(aa, bb) for aa, bb in zip(expected, got))
 
 
@@ -374,3 +378,34 @@ def test_cli_prints_metrics_table(bin_case, model, tmp_path, capsys):
     assert "| tinyset | %.6f |" % expected["accuracy"] in out
     with pytest.raises(FileNotFoundError, match="model not found"):
         evals.main(["-m", str(tmp_path / "none.keras"), "-t", path])
+
+
+def test_cli_errors_are_one_line_with_status_2(bin_case, model, tmp_path, capsys):
+    path, _, _ = bin_case
+    bins, issame = data.load_bin(path)
+    truncated = data.write_bin(str(tmp_path / "truncated.bin"), [bins[0][:40]] + bins[1:], issame)
+    model_path = str(tmp_path / "basic.keras")
+    model.save(model_path)
+    for argv, message in [
+        (["-m", model_path, "-t", truncated], f"{truncated}: cannot decode image 0"),
+        (["-m", str(tmp_path / "none.keras"), "-t", path], "model not found"),
+        (["-m", model_path, "-t", str(tmp_path / "none.bin")], "verification bin not found"),
+    ]:
+        assert utils.run_main(evals.main, argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.slow
+def test_cli_script_exits_2_on_a_corrupt_bin(bin_case, tmp_path):
+    path, _, _ = bin_case
+    bins, issame = data.load_bin(path)
+    truncated = data.write_bin(str(tmp_path / "truncated.bin"), bins[:3] + [bins[3][:50]] + bins[4:], issame)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "evals.py")
+    keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)), keras.layers.Flatten()]).save(tmp_path / "m.keras")
+    done = subprocess.run(
+        [sys.executable, script, "-m", str(tmp_path / "m.keras"), "-t", truncated], capture_output=True, text=True
+    )
+    ours = [line for line in done.stderr.splitlines() if line.startswith("evals.py: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert ours == [f"evals.py: error: {truncated}: cannot decode image 3 (of {len(bins)})"]

@@ -24,7 +24,7 @@ def cosine(aa, bb):
 
 
 def seeds_normalize(images):
-    """Independent reference of the seeds' preprocessing."""
+    """Independent reference of the training preprocessing, (x - 127.5) / 128."""
     return ((np.asarray(images, np.float32) - 127.5) * 0.0078125).astype(np.float32)
 
 
@@ -191,7 +191,7 @@ def test_missing_representative_data_fails_before_any_work(model, tmp_path, monk
     def no_work(*args, **kwargs):
         raise AssertionError("conversion work started before the representative data was checked")
 
-    monkeypatch.setattr(export, "load_model", no_work)
+    monkeypatch.setattr(export.models, "load_model", no_work)
     monkeypatch.setattr(export, "build_deploy_model", no_work)
     with pytest.raises(FileNotFoundError, match="representative data not found: .*nowhere"):
         export.export_model(model, tmp_path / "q.tflite", quant="int8", representative_data=tmp_path / "nowhere")

@@ -1,4 +1,4 @@
-"""Tests of IJB_evals.py against hand-worked examples and independent loop-based computations (SPEC §6)."""
+"""Tests of IJB_evals.py against hand-worked examples and independent loop-based computations (insightface's IJB evaluation written out)."""
 
 import json
 import os
@@ -11,6 +11,7 @@ from skimage.transform import SimilarityTransform, warp
 from sklearn.metrics import roc_curve
 
 import data
+import embedder
 import IJB_evals
 
 
@@ -241,21 +242,25 @@ def test_end_to_end_1v1(ijb_case, tmp_path):
     template_feats, unique_templates = reference_template_features(img_feats, meta["templates"], meta["medias"])
     row = {tid: ii for ii, tid in enumerate(unique_templates)}
     expected = np.array([template_feats[row[aa]] @ template_feats[row[bb]] for aa, bb in zip(meta["p1"], meta["p2"])])
-    with np.load(os.path.join(result_dir, "tiny_IJBB_scores.npz")) as saved:
+    with np.load(os.path.join(result_dir, "tiny_IJBB_N0D1F1_scores.npz")) as saved:
         np.testing.assert_allclose(saved["tiny_N0D1F1"], expected, atol=1e-6)
         np.testing.assert_array_equal(saved["label"], meta["label"])
         ref_tars, ref_auc = reference_tar_at_far(meta["label"], saved["tiny_N0D1F1"], IJB_evals.FAR_TARGETS)
     assert results["tiny_N0D1F1"][0] == pytest.approx(ref_tars, abs=1e-12)
     assert results["tiny_N0D1F1"][1] == pytest.approx(ref_auc, abs=1e-12)
-    with open(os.path.join(result_dir, "tiny_IJBB_roc.png"), "rb") as ff:
+    with open(os.path.join(result_dir, "tiny_IJBB_N0D1F1_roc.png"), "rb") as ff:
         assert ff.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "| tiny_N0D1F1 |" in open(os.path.join(result_dir, "tiny_IJBB_1v1.md")).read()
+    assert "| tiny_N0D1F1 |" in open(os.path.join(result_dir, "tiny_IJBB_N0D1F1_1v1.md")).read()
 
     # -R: the saved embeddings give the same table without the model; all 8 scenarios with -B
     bunch = IJB_evals.main(
         ["-R", os.path.join(result_dir, "tiny_IJBB.npz"), "-d", root, "-B", "--result_dir", result_dir]
     )
     assert len(bunch) == 8 and bunch["tiny_N0D1F1"] == results["tiny_N0D1F1"]
+    bunch_table = open(os.path.join(result_dir, "tiny_IJBB_all_scenarios_1v1.md")).read()
+    assert sum(line.startswith("| tiny_N") for line in bunch_table.splitlines()) == 8
+    single_table = open(os.path.join(result_dir, "tiny_IJBB_N0D1F1_1v1.md")).read()
+    assert sum(line.startswith("| tiny_N") for line in single_table.splitlines()) == 1  # not overwritten by -B
     # --plot_only from the saved scores + the pair label text file
     label_txt = IJB_evals.meta_paths(root, "IJBB")["pair_label"]
     np.save(os.path.join(result_dir, "alone.npy"), expected)
@@ -307,7 +312,7 @@ def test_end_to_end_1n(ijb_case, tmp_path):
             if subject[template] in gallery_subjects:
                 top1.append(gallery_subjects[int(np.argmax(similarity[row]))] == subject[template])
         expected[name] = np.mean(top1)
-    saved = json.load(open(os.path.join(result_dir, "tiny_IJBB_1N.json")))
+    saved = json.load(open(os.path.join(result_dir, "tiny_IJBB_N1D0F1_1N.json")))
     for name in ("gallery_1", "gallery_2"):
         assert results["tiny_N1D0F1"][name]["top1"] == pytest.approx(expected[name])
         assert saved["tiny_N1D0F1"][name]["top1"] == pytest.approx(expected[name])
@@ -342,10 +347,10 @@ def test_model_types(tmp_path):
         import onnxruntime  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="pip install onnxruntime"):
-            IJB_evals.load_embedding_model(str(fake))
+            embedder.load_embedder(str(fake))
     other = tmp_path / "model,0"
     other.write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported model file"):
-        IJB_evals.load_embedding_model(str(other))
+        embedder.load_embedder(str(other))
     with pytest.raises(SystemExit):
         IJB_evals.parse_arguments(["-d", str(tmp_path)])  # neither model, embeddings nor --plot_only

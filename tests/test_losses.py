@@ -39,7 +39,7 @@ def np_with_target(cosines, labels, target):
 
 
 def np_arcface(cosines, labels, m1, m2, m3, scale, ls=0.0):
-    """Combined margin (SPEC §4): cos(m1*acos(c) + m2) - m3, mirrored to (-1-m3)*2 - t at c <= cos((pi-m2)/m1)."""
+    """Combined margin: cos(m1*acos(c) + m2) - m3, mirrored to (-1-m3)*2 - t at c <= cos((pi-m2)/m1)."""
     cos_y = cosines[np.arange(len(labels)), labels].astype("float64")
     target = np.cos(m1 * np.arccos(cos_y) + m2) - m3
     target = np.where(cos_y > np.cos((np.pi - m2) / m1), target, (-1 - m3) * 2 - target)
@@ -503,6 +503,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_center_loss_under_mirrored_strategy_matches_global_numpy_update():
     batches = center_batches(21)
     rng = np.random.default_rng(22)
@@ -607,7 +608,7 @@ def test_triplet_losses_on_embeddings_match_numpy():
     for loss, expected in checks:
         assert float(loss(labels, embeddings)) == pytest.approx(expected, rel=1e-5), type(loss).__name__
         assert float(loss(np.eye(4)[labels], embeddings.astype("float16"))) == pytest.approx(expected, rel=1e-2)
-    # BatchAll on embeddings: the seeds' formula written out directly on similarities.
+    # BatchAll on embeddings: Keras_insightface's formula written out directly on similarities.
     sims, expected = normed @ normed.T, []
     for i in range(8):
         pos = labels == labels[i]

@@ -62,6 +62,7 @@ def _check_embedding(model, images, emb_shape):
     assert np.all(np.isfinite(keras.ops.convert_to_numpy(out)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", models.buildin_model_names())
 def test_every_buildin_name_builds(name):
     model = models.buildin_models(name, emb_shape=8, input_shape=SMALL, output_layer="GDC")

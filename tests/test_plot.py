@@ -17,7 +17,7 @@ EPOCHS = 12
 
 
 def synthetic_history(seed=0, with_null_center=True):
-    """A 12-epoch history in the SPEC format: losses fall, accuracies rise, center loss logged from epoch 4."""
+    """A 12-epoch history in the _hist.json format: losses fall, accuracies rise, center loss logged from epoch 4."""
     rng = np.random.default_rng(seed)
     xx = np.arange(EPOCHS)
     hist = {

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (SPEC §7 table and seed 001 examples) and the optimizer golden numbers."""
+"""Learning-rate schedules (the README table and Keras_insightface's examples) and the optimizer golden numbers."""
 
 import math
 
@@ -77,7 +77,7 @@ def test_seed_standalone_scheduler_objects():
     assert cc.on_train_batch_begin(25000) == pytest.approx(0.0005)
 
 
-# ------------------------------------------------------------------------------ SPEC §7 golden numbers
+# ------------------------------------------------------------------------------ golden numbers (hand-computed)
 def half_square(y_true, y_pred):
     """``(w * 1 - 0)^2 / 2`` for the single-weight model."""
     return tf.reduce_mean(tf.square(y_pred)) / 2

@@ -1,13 +1,15 @@
-"""Every scheduler key and the seeds' loss combinations run on tiny demo data, and their loss decreases."""
+"""Every scheduler key and Keras_insightface's loss combinations run on tiny demo data, and their loss decreases."""
 
 import keras
 import numpy as np
 import pytest
-from test_train import tiny_basic_model
+from helpers import tiny_basic_model
 
 import data
 import losses
 import train
+
+pytestmark = pytest.mark.slow  # trains models or starts processes
 
 EPOCHS = 3
 
@@ -56,7 +58,7 @@ STAGES = {
 }
 
 
-# The seeds' batch-all loss averages over a data-dependent set of "valid" negatives, so its epoch mean stays flat
+# Keras_insightface's batch-all loss averages over a data-dependent set of "valid" negatives, so its epoch mean stays flat
 # within noise on this tiny data (measured 0.70-0.83 over 3 epochs in 7 runs, rising as often as falling, also from
 # a fresh model): for it the test checks that the typed stage builds a triplet-only model whose weights train.
 LOSS_NEED_NOT_FALL = {"batch_all_typed"}

@@ -1,0 +1,172 @@
+"""The TensorFlow step runner: trains a ``stages.Stage`` under the current ``tf.distribute`` strategy.
+
+One loop serves one device, ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` (Keras 3 ``model.fit`` does not
+run under the latter): a ``tf.function`` runs ``steps_per_execution`` steps with ``strategy.run``; each replica
+divides its mean loss by the replica count, so the all-reduce of the gradients is the gradient of the global-batch
+mean, exactly as on one device. Keras callbacks are driven through a ``keras.callbacks.CallbackList`` with the same
+events and logs as ``model.fit``. TensorFlow-only: this is the seam where a runner of another backend plugs in.
+"""
+
+import time
+
+import keras
+import tensorflow as tf
+
+import data
+
+
+def num_workers(strategy):
+    """Processes taking part in a multi-worker strategy (1 for single-machine strategies)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    cluster = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(cluster.get(job, ())) for job in ("chief", "worker")))
+
+
+def _replica_mean(fn, y_true, prediction, replicas, sample_weight=None):
+    """This replica's mean loss divided by the replica count, so the sum over replicas is the global mean.
+
+    Keras ``Loss`` objects are called through ``.call`` (per-sample values) and reduced here, the same way for every
+    loss, instead of relying on each loss's own reduction and distribution scaling.
+    """
+    value = fn.call(y_true, prediction) if isinstance(fn, keras.losses.Loss) else fn(y_true, prediction)
+    if sample_weight is not None:
+        value = value * sample_weight
+    return tf.reduce_mean(value) / replicas
+
+
+def output_loss(spec, targets, prediction, classes, replicas):
+    """The loss of one output on this replica: one-hot labels built on the device for Keras' categorical losses,
+    and with mixup the weighted sum of the losses on both labels of each image."""
+
+    def labels(key):
+        return tf.one_hot(targets[key], classes) if spec.needs_one_hot else targets[key]
+
+    if spec.target != data.LABEL_KEY or data.MIXUP_WEIGHT_KEY not in targets:
+        return _replica_mean(spec.fn, labels(spec.target), prediction, replicas)
+    weight = targets[data.MIXUP_WEIGHT_KEY]
+    own = _replica_mean(spec.fn, labels(data.LABEL_KEY), prediction, replicas, weight)
+    return own + _replica_mean(spec.fn, labels(data.MIXUP_LABEL_KEY), prediction, replicas, 1 - weight)
+
+
+class StepRunner:
+    """Runs the steps and epochs of training stages; see the module docstring.
+
+    ``steps_per_execution`` steps run per ``tf.function`` call (fewer Python round trips); ``jit_compile`` compiles
+    the replica step with XLA.
+    """
+
+    def __init__(self, strategy, steps_per_execution=1, jit_compile=False, verbose=1):
+        self.strategy, self.replicas = strategy, strategy.num_replicas_in_sync
+        self.steps_per_execution, self.jit_compile = max(1, int(steps_per_execution)), jit_compile
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------------------------------ input
+    def distribute(self, dataset, global_batch_size, make_worker_dataset=None):
+        """The per-replica input. With several workers and ``make_worker_dataset(batch_size, shard)``, each worker
+        reads and decodes only its own shard of the files (tf.distribute's auto-sharding would decode everything on
+        every worker); otherwise ``dataset`` is split over the replicas as it is."""
+        if num_workers(self.strategy) == 1 or make_worker_dataset is None:
+            return self.strategy.experimental_distribute_dataset(dataset)
+
+        def worker_dataset(context):
+            batch_size = context.get_per_replica_batch_size(global_batch_size)
+            shard = (context.num_input_pipelines, context.input_pipeline_id)
+            return make_worker_dataset(batch_size, shard)
+
+        return self.strategy.distribute_datasets_from_function(worker_dataset)
+
+    # ------------------------------------------------------------------------------------------ the step
+    def _forward(self, stage, images, targets):
+        """The stage model's outputs on a batch; a Partial FC head computes cosines over this step's sampled
+        classes only, with the labels remapped to them."""
+        if stage.partial_fc_head is None:
+            return stage.model(images, training=True), targets
+        outputs = dict(stage.train_model(images, training=True))
+        cosines, sampled_labels = stage.partial_fc_head.partial_call(
+            outputs.pop("partial_fc_embedding"), targets[data.LABEL_KEY], stage.optimizer.iterations
+        )
+        return dict(outputs, arcface=cosines), dict(targets, **{data.LABEL_KEY: sampled_labels})
+
+    def _replica_step(self, stage, classes):
+        """The function one replica runs per step: forward, weighted losses, gradients, update; returns its logs."""
+        model, optimizer, specs, replicas = stage.model, stage.optimizer, stage.specs, self.replicas
+        trainable = model.trainable_variables
+
+        def step(images, targets):
+            with tf.GradientTape() as tape:
+                outputs, targets = self._forward(stage, images, targets)
+                logs = {
+                    name + "_loss": output_loss(spec, targets, outputs[name], classes, replicas)
+                    for name, spec in specs.items()
+                }
+                total = tf.add_n([specs[name].weight * logs[name + "_loss"] for name in specs])
+                regular = tf.add_n([tf.cast(ll, tf.float32) for ll in model.losses]) / replicas if model.losses else 0.0
+                loss = total + regular
+                scaled = optimizer.scale_loss(loss)
+            optimizer.apply_gradients(zip(tape.gradient(scaled, trainable), trainable))
+            logs["loss"], logs["regular_loss"] = loss, tf.convert_to_tensor(regular, tf.float32)
+            if stage.accuracy_output:
+                logits = outputs[stage.accuracy_output][:, :classes]
+                hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), targets[data.LABEL_KEY])
+                logs["accuracy"] = tf.reduce_mean(tf.cast(hits, tf.float32))
+            return logs
+
+        return tf.function(step, jit_compile=self.jit_compile)
+
+    def train_function(self, stage, classes):
+        """A ``tf.function(iterator, num_steps)`` running that many steps; returns the mean logs of those steps."""
+        strategy = self.strategy
+        replica_step = self._replica_step(stage, classes)
+        log_keys = ["loss", "regular_loss"] + [name + "_loss" for name in stage.specs]
+        log_keys += ["accuracy"] if stage.accuracy_output else []
+        reductions = {key: "MEAN" if key == "accuracy" else "SUM" for key in log_keys}  # losses are pre-divided
+
+        @tf.function
+        def run_steps(iterator, num_steps):
+            sums = {key: tf.constant(0.0) for key in log_keys}
+            for _ in tf.range(num_steps):
+                images, targets = next(iterator)
+                per_replica = strategy.run(replica_step, args=(images, targets))
+                sums = {
+                    key: sums[key] + strategy.reduce(reductions[key], per_replica[key], axis=None) for key in log_keys
+                }
+            return {key: value / tf.cast(num_steps, tf.float32) for key, value in sums.items()}
+
+        return run_steps
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _epoch(self, model, run_steps, iterator, callbacks, steps_per_epoch):
+        """One epoch of steps with batch callbacks; returns ``(epoch logs, steps run)``."""
+        progbar = keras.utils.Progbar(steps_per_epoch, verbose=self.verbose)
+        totals, step = {}, 0
+        while step < steps_per_epoch and not model.stop_training:
+            num = min(self.steps_per_execution, steps_per_epoch - step)
+            callbacks.on_train_batch_begin(step)
+            logs = {key: float(value) for key, value in run_steps(iterator, tf.constant(num)).items()}
+            step += num
+            for key, value in logs.items():
+                totals[key] = totals.get(key, 0.0) + value * num
+            callbacks.on_train_batch_end(step - 1, logs)
+            progbar.update(step, [(key, logs[key]) for key in ("loss", "accuracy") if key in logs])
+        return {key: value / max(step, 1) for key, value in totals.items()}, step
+
+    def fit(self, model, run_steps, iterator, callbacks, epochs, steps_per_epoch, global_batch_size):
+        """Run the epochs ``range(*epochs)`` with the Keras callback events of ``model.fit``; stops early when a
+        callback sets ``model.stop_training``."""
+        model.stop_training = False
+        callbacks.on_train_begin()
+        for epoch in range(*epochs):
+            callbacks.on_epoch_begin(epoch)
+            if self.verbose:
+                print(f"Epoch {epoch + 1}/{epochs[1]}")
+            start = time.time()
+            epoch_logs, steps_run = self._epoch(model, run_steps, iterator, callbacks, steps_per_epoch)
+            epoch_logs["lr"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+            if self.verbose:
+                print(f"     {steps_run * global_batch_size / (time.time() - start):.1f} images/s")
+            callbacks.on_epoch_end(epoch, epoch_logs)
+            if model.stop_training:
+                break
+        callbacks.on_train_end()
