@@ -34,6 +34,7 @@ class OutputKind:
     aux_default: float = 0  # the weight when the scheduler dict does not give the key
     aux_loss: Callable | None = None  # (builder, options) -> the loss of the auxiliary output
     needs_teacher: bool = False  # only for data with teacher embeddings
+    option_keys: tuple = ()  # further scheduler keys its build / aux_loss functions read
     adopt_main_loss: Callable | None = None  # (builder, loss) -> loss: hook for a user's loss of this kind
 
 
@@ -78,7 +79,7 @@ def _distill_embedding(builder, embedding, loss, options):
 
 
 OUTPUT_KINDS = (
-    OutputKind("arcface", "arcface", data.LABEL_KEY, _cosine_head, reports_accuracy=True),
+    OutputKind("arcface", "arcface", data.LABEL_KEY, _cosine_head, reports_accuracy=True, option_keys=("lossTopK",)),
     OutputKind("softmax", "softmax", data.LABEL_KEY, _softmax_head, reports_accuracy=True),
     OutputKind(
         "center",
@@ -96,6 +97,7 @@ OUTPUT_KINDS = (
         _the_embedding,
         aux_key="triplet",
         aux_loss=lambda builder, options: losses.BatchHardTripletLoss(options.get("alpha", 0.35)),
+        option_keys=("alpha",),
     ),
     OutputKind(
         "distill",
@@ -117,3 +119,10 @@ def output_kind(head_type):
             return kind
     known = ", ".join(kind.head_type for kind in OUTPUT_KINDS)
     raise ValueError(f"unknown head type {head_type!r}: use one of {known}")
+
+
+def scheduler_keys():
+    """The scheduler-dict keys the output kinds read: their ``aux_key`` and ``option_keys``."""
+    return {kind.aux_key for kind in OUTPUT_KINDS if kind.aux_key} | {
+        key for kind in OUTPUT_KINDS for key in kind.option_keys
+    }

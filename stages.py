@@ -20,8 +20,7 @@ import outputs
 
 # Keras' categorical losses want one-hot labels; the step builds them on the device, never on the host.
 ONE_HOT_LOSSES = (keras.losses.CategoricalCrossentropy, keras.losses.CategoricalFocalCrossentropy)
-STAGE_KEYS = {"loss", "epoch", "optimizer", "bottleneckOnly", "lossTopK", "centerloss", "triplet", "alpha"}
-STAGE_KEYS |= {"distill", "type", "lossWeight"}
+STAGE_KEYS = {"loss", "epoch", "optimizer", "bottleneckOnly", "type", "lossWeight"}  # and the output kinds' keys
 
 
 @dataclasses.dataclass
@@ -63,9 +62,10 @@ def check_stage_keys(stage):
     missing = [key for key in ("loss", "epoch") if key not in stage]
     if missing:
         raise ValueError(f"scheduler dict {stage} misses {missing}: each stage needs 'loss' and 'epoch'")
-    unknown = sorted(set(stage) - STAGE_KEYS)
+    known = STAGE_KEYS | outputs.scheduler_keys()
+    unknown = sorted(set(stage) - known)
     if unknown:
-        raise ValueError(f"scheduler dict has unknown key(s) {unknown}; known keys: {sorted(STAGE_KEYS)}")
+        raise ValueError(f"scheduler dict has unknown key(s) {unknown}; known keys: {sorted(known)}")
 
 
 class StageBuilder:
