@@ -168,6 +168,8 @@ def verification_metrics(embeddings, issame, num_folds=10):
     ``10fold``, ``10fold_std`` (insightface), ``val``, ``val_std``, ``far`` (VAL@FAR=1e-3).
     """
     embeddings, issame = _check_pairs(embeddings, issame)
+    if issame.shape[0] < num_folds:
+        raise ValueError(f"{issame.shape[0]} pairs are too few for {num_folds}-fold verification metrics")
     embeddings = l2_normalize(embeddings)
     scores = np.einsum("ij,ij->i", embeddings[0::2], embeddings[1::2])
     accuracy, thresh = best_threshold_accuracy(scores, issame)

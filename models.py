@@ -494,6 +494,12 @@ def convert_mixed_float16_to_float32(model):
     return convert_to_mixed_float16(model, policy="float32")
 
 
+def extract_basic_model(model, layer=EMBEDDING_LAYER_NAME):
+    """The input -> embedding sub-model of a full training model (layer name or index), sharing its weights."""
+    output = model.get_layer(layer).output if isinstance(layer, str) else model.layers[layer].output
+    return keras.Model(model.inputs[0], output, name=model.name + "_basic")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Deployment wrappers (export.build_deploy_model) and the one model loader.
 # ---------------------------------------------------------------------------------------------------------

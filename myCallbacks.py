@@ -303,3 +303,24 @@ class UnreadableImagesReport(keras.callbacks.Callback):
         unnamed = f"; {count - len(names)} in long runs of unreadable files are not named" if count > len(names) else ""
         message = f"epoch {epoch + 1}: skipped {count} unreadable training image(s): {listed}{unnamed}"
         warnings.warn(message, UnreadableImagesWarning, stacklevel=2)
+
+
+class HistoryPlot(keras.callbacks.Callback):
+    """Redraw ``plot.hist_plot_split`` of the run's history into ``path`` (a PNG) at each epoch end, atomically, so
+    a person can look at the run without a notebook. ``history`` is the ``MyHistory`` that records the run (it must
+    run before this callback); ``stage_epochs()`` returns the epochs of each scheduler stage (the boundaries)."""
+
+    def __init__(self, path, history, stage_epochs=None):
+        super().__init__()
+        self.path, self.history, self.stage_epochs = path, history, stage_epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        import matplotlib.pyplot as plt
+
+        import plot
+
+        if not self.history.history.get("loss"):
+            return
+        epochs = self.stage_epochs() if self.stage_epochs else None
+        axes, _ = plot.hist_plot_split(self.history.history, epochs=epochs, save=self.path)
+        plt.close(axes[0].figure)

@@ -100,3 +100,23 @@ def load_h5_slots(optimizer, path):
                 variable.assign(value[()])
                 restored += 1
     return restored, len(optimizer.variables)
+
+
+def restored_optimizer(model, path):
+    """The optimizer a loaded full model was compiled with, if it can continue: kept when it holds exactly the model's
+    trainable variables (its slots are theirs); otherwise rebuilt for them from its configuration, keeping its step
+    count and, from a ``.h5`` file (whose reloaded optimizer is built but holds none of the variables), its slots."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not optimizer.built:
+        return None
+    if holds_variables(optimizer, model.trainable_variables):
+        return optimizer
+    fresh = built_for(optimizer.__class__.from_config(optimizer.get_config()), model.trainable_variables)
+    fresh.iterations.assign(optimizer.iterations)
+    from_h5 = isinstance(path, str) and path.endswith((".h5", ".hdf5"))
+    restored, total = load_h5_slots(fresh, path) if from_h5 else (0, len(fresh.variables))
+    print(
+        f">>>> The saved {type(optimizer).__name__} did not hold the model's variables: rebuilt from its config,",
+        f"step {int(fresh.iterations.numpy())}, {restored} of {total} optimizer variables restored from {path}",
+    )
+    return fresh

@@ -1,7 +1,7 @@
 """A training run's files: where they live, who writes them, and whether an interrupted run can resume.
 
 ``save_path`` names the full model; a bare name goes to ``checkpoints/``. Next to it: ``<stem>_hist.json`` (the
-history), ``<stem>_centers.npy`` (center-loss centers) and ``<stem>_basic_<bin>_epoch_<E>_<acc>.keras`` (the best
+history), ``<stem>_hist.png`` (its plot), ``<stem>_centers.npy`` (center-loss centers) and ``<stem>_basic_<bin>_epoch_<E>_<acc>.keras`` (the best
 basic model). Every file is written atomically. Under ``MultiWorkerMirroredStrategy`` worker 0 (or the chief)
 writes these; the other workers write theirs into ``worker_<i>/`` so the chief's files are never clobbered.
 """
@@ -52,6 +52,7 @@ class RunFiles:
         self.save_dir = os.path.dirname(save_path)
         self.stem = os.path.splitext(os.path.basename(save_path))[0]
         self.hist_path = os.path.join(self.save_dir, self.stem + "_hist.json")
+        self.hist_plot_path = os.path.join(self.save_dir, self.stem + "_hist.png")
         self.centers_path = os.path.join(self.save_dir, self.stem + "_centers.npy")
         self.best_model_prefix = os.path.join(self.save_dir, self.stem)
         self.cache_dir = os.path.join(self.save_dir, ".cache")

@@ -50,6 +50,19 @@ def output_loss(spec, targets, prediction, classes, replicas):
     return own + _replica_mean(spec.fn, labels(data.MIXUP_LABEL_KEY), prediction, replicas, 1 - weight)
 
 
+def _add(first, second):
+    """Sum of two gradients of one variable; sparse ``IndexedSlices`` (a Partial FC head) stay sparse."""
+    if isinstance(first, tf.IndexedSlices) and isinstance(second, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            tf.concat([first.values, second.values], 0),
+            tf.concat([first.indices, second.indices], 0),
+            first.dense_shape,
+        )
+    if first is None:
+        return second
+    return first if second is None else tf.convert_to_tensor(first) + tf.convert_to_tensor(second)
+
+
 class StepRunner:
     """Runs the steps and epochs of training stages; see the module docstring.
 
@@ -57,10 +70,10 @@ class StepRunner:
     the replica step with XLA.
     """
 
-    def __init__(self, strategy, steps_per_execution=1, jit_compile=False, verbose=1):
+    def __init__(self, strategy, steps_per_execution=1, jit_compile=False, verbose=1, accumulation=1, clip_norm=None):
         self.strategy, self.replicas = strategy, strategy.num_replicas_in_sync
         self.steps_per_execution, self.jit_compile = max(1, int(steps_per_execution)), jit_compile
-        self.verbose = verbose
+        self.verbose, self.accumulation, self.clip_norm = verbose, max(1, int(accumulation)), clip_norm
 
     # ------------------------------------------------------------------------------------------ input
     def distribute(self, dataset, global_batch_size, make_worker_dataset=None):
@@ -89,35 +102,73 @@ class StepRunner:
         )
         return dict(outputs, arcface=cosines), dict(targets, **{data.LABEL_KEY: sampled_labels})
 
-    def _replica_step(self, stage, classes):
-        """The function one replica runs per step: forward, weighted losses, gradients, update; returns its logs."""
-        model, optimizer, specs, replicas = stage.model, stage.optimizer, stage.specs, self.replicas
-        trainable = model.trainable_variables
+    def _losses_and_gradients(self, stage, classes, images, targets):
+        """One batch on this replica: ``(gradients of the optimizer-scaled loss, logs)``; losses are this replica's
+        share of the global-batch mean, divided by the number of accumulated batches."""
+        model, specs, shares = stage.model, stage.specs, self.replicas * self.accumulation
+        with tf.GradientTape() as tape:
+            outputs, targets = self._forward(stage, images, targets)
+            logs = {
+                name + "_loss": output_loss(spec, targets, outputs[name], classes, shares)
+                for name, spec in specs.items()
+            }
+            total = tf.add_n([specs[name].weight * logs[name + "_loss"] for name in specs])
+            regular = tf.add_n([tf.cast(ll, tf.float32) for ll in model.losses]) / shares if model.losses else 0.0
+            logs["loss"], logs["regular_loss"] = total + regular, tf.convert_to_tensor(regular, tf.float32)
+            scaled = stage.optimizer.scale_loss(logs["loss"])
+        if stage.accuracy_output:
+            logits = outputs[stage.accuracy_output][:, :classes]
+            hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), targets[data.LABEL_KEY])
+            logs["accuracy"] = tf.reduce_mean(tf.cast(hits, tf.float32)) / self.accumulation
+        return tape.gradient(scaled, model.trainable_variables), logs
 
-        def step(images, targets):
-            with tf.GradientTape() as tape:
-                outputs, targets = self._forward(stage, images, targets)
-                logs = {
-                    name + "_loss": output_loss(spec, targets, outputs[name], classes, replicas)
-                    for name, spec in specs.items()
-                }
-                total = tf.add_n([specs[name].weight * logs[name + "_loss"] for name in specs])
-                regular = tf.add_n([tf.cast(ll, tf.float32) for ll in model.losses]) / replicas if model.losses else 0.0
-                loss = total + regular
-                scaled = optimizer.scale_loss(loss)
-            optimizer.apply_gradients(zip(tape.gradient(scaled, trainable), trainable))
-            logs["loss"], logs["regular_loss"] = loss, tf.convert_to_tensor(regular, tf.float32)
-            if stage.accuracy_output:
-                logits = outputs[stage.accuracy_output][:, :classes]
-                hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), targets[data.LABEL_KEY])
-                logs["accuracy"] = tf.reduce_mean(tf.cast(hits, tf.float32))
+    def _clipped(self, optimizer, gradients):
+        """Gradients whose global norm, over the whole (all-replica) gradient, is at most ``clip_norm``.
+
+        The replicas' gradients are summed here to measure the norm the update will have; each replica then hands on
+        its share (1 / replicas) of the clipped sum, which the optimizer's own all-reduce adds up again. Under loss
+        scaling the norm is measured on the unscaled gradient.
+        """
+        present = [index for index, grad in enumerate(gradients) if grad is not None]
+        summed = [tf.convert_to_tensor(gradients[index]) for index in present]
+        if self.replicas > 1:
+            summed = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, summed)
+        scale = optimizer.dynamic_scale if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else 1.0
+        clipped, _ = tf.clip_by_global_norm([grad / scale for grad in summed], self.clip_norm)
+        gradients = list(gradients)
+        for index, grad in zip(present, clipped):
+            gradients[index] = grad * scale / self.replicas
+        return gradients
+
+    def _replica_step(self, stage, classes):
+        """The function one replica runs per update: for each of its ``accumulation`` batches, one after the other,
+        forward, losses and gradients, summed; then [clipping and] the optimizer update. Returns the update's logs."""
+        optimizer, trainable = stage.optimizer, stage.model.trainable_variables
+
+        def step(batches):
+            gradients, logs = None, None
+            for images, targets in batches:
+                if gradients is not None:  # the next batch starts when this one's gradients exist: peak memory of one
+                    with tf.control_dependencies([grad for grad in tf.nest.flatten(gradients) if grad is not None]):
+                        images = tf.identity(images)
+                batch_gradients, batch_logs = self._losses_and_gradients(stage, classes, images, targets)
+                gradients = (
+                    batch_gradients
+                    if gradients is None
+                    else [_add(aa, bb) for aa, bb in zip(gradients, batch_gradients)]
+                )
+                logs = batch_logs if logs is None else {key: logs[key] + batch_logs[key] for key in logs}
+            if self.clip_norm:
+                gradients = self._clipped(optimizer, gradients)
+            optimizer.apply_gradients(zip(gradients, trainable))
             return logs
 
         return tf.function(step, jit_compile=self.jit_compile)
 
     def train_function(self, stage, classes):
-        """A ``tf.function(iterator, num_steps)`` running that many steps; returns the mean logs of those steps."""
-        strategy = self.strategy
+        """A ``tf.function(iterator, num_steps)`` running that many updates (each on ``accumulation`` batches);
+        returns the mean logs of those updates."""
+        strategy, accumulation = self.strategy, self.accumulation
         replica_step = self._replica_step(stage, classes)
         log_keys = ["loss", "regular_loss"] + [name + "_loss" for name in stage.specs]
         log_keys += ["accuracy"] if stage.accuracy_output else []
@@ -127,8 +178,8 @@ class StepRunner:
         def run_steps(iterator, num_steps):
             sums = {key: tf.constant(0.0) for key in log_keys}
             for _ in tf.range(num_steps):
-                images, targets = next(iterator)
-                per_replica = strategy.run(replica_step, args=(images, targets))
+                batches = tuple(next(iterator) for _ in range(accumulation))
+                per_replica = strategy.run(replica_step, args=(batches,))
                 sums = {
                     key: sums[key] + strategy.reduce(reductions[key], per_replica[key], axis=None) for key in log_keys
                 }

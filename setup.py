@@ -25,6 +25,7 @@ setup(
         "scikit-learn",
         "matplotlib",
         "mtcnn>=1.0",  # face detector; its weights ship inside the wheel
+        "tensorboard",  # keras.callbacks.TensorBoard needs it
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime"],

@@ -8,7 +8,6 @@
 
 import argparse
 import dataclasses
-import difflib
 import os
 import sys
 
@@ -19,80 +18,17 @@ import tensorflow as tf
 
 import data
 import evals
-import losses
 import models
 import myCallbacks
 import optimizers
+import recipe
 import runner
 import stages
+from config import TrainConfig
 from run_files import RunFiles
 from utils import run_main
 
 EMBEDDING_LAYER = "embedding"
-
-
-@dataclasses.dataclass
-class TrainConfig(data.PipelineOptions):
-    """Every ``Train`` option with its default (the input options come from ``data.PipelineOptions``)."""
-
-    batch_size: int = 128  # per replica: the global batch is batch_size * replicas
-    lr_base: float = 0.001
-    lr_decay: float = 0.05
-    lr_decay_steps: object = 0  # see myCallbacks.build_lr_scheduler
-    lr_min: float = 0.0
-    lr_warmup_steps: int = 0
-    eval_freq: int = 1  # > 1 also evaluates every eval_freq batches
-    eval_batch_size: int = 128
-    eval_image_scale: float = data.SEEDS_SCALE
-    output_weight_decay: float = 0  # L2 of the heads: 0 none, (0, 1) that value / 2, >= 1 x the basic model's L2
-    steps_per_execution: int = 1
-    jit_compile: bool = False
-    mixed_precision: str | None = None  # "mixed_float16" / "mixed_bfloat16"
-    partial_fc_rate: float = 1.0  # < 1: a Partial FC head samples this share of the classes per step
-    resume: bool = True  # continue an interrupted run of the same save_path
-    verbose: int = 1
-
-    def __post_init__(self):
-        if not 0 < self.partial_fc_rate <= 1:
-            raise ValueError(f"partial_fc_rate must be in (0, 1], got {self.partial_fc_rate}")
-        if self.partial_fc_rate < 1 and self.mixup_alpha > 0:
-            raise ValueError("partial_fc_rate < 1 does not support mixup_alpha > 0")
-
-    @classmethod
-    def from_options(cls, options):
-        """The config of ``Train(**options)``; a misspelled option is an error naming the closest ones."""
-        known = [field.name for field in dataclasses.fields(cls)]
-        for key in options:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=3)
-                raise TypeError(f"Train got an unknown option {key!r}" + (f"; did you mean {close}?" if close else ""))
-        return cls(**options)
-
-
-def extract_basic_model(model, layer=EMBEDDING_LAYER):
-    """The input -> embedding sub-model of a full training model (layer name or index), sharing its weights."""
-    output = model.get_layer(layer).output if isinstance(layer, str) else model.layers[layer].output
-    return keras.Model(model.inputs[0], output, name=model.name + "_basic")
-
-
-def restored_optimizer(model, path):
-    """The optimizer a loaded full model was compiled with, if it can continue: kept when it holds exactly the model's
-    trainable variables (its slots are theirs); otherwise rebuilt for them from its configuration, keeping its step
-    count and, from a ``.h5`` file (whose reloaded optimizer is built but holds none of the variables), its slots."""
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not optimizer.built:
-        return None
-    if optimizers.holds_variables(optimizer, model.trainable_variables):
-        return optimizer
-    fresh = optimizers.built_for(optimizer.__class__.from_config(optimizer.get_config()), model.trainable_variables)
-    fresh.iterations.assign(optimizer.iterations)
-    from_h5 = isinstance(path, str) and path.endswith((".h5", ".hdf5"))
-    restored, total = optimizers.load_h5_slots(fresh, path) if from_h5 else (0, len(fresh.variables))
-    print(
-        f">>>> The saved {type(optimizer).__name__} did not hold the model's variables: rebuilt from its config,",
-        f"step {int(fresh.iterations.numpy())}, {restored} of {total} optimizer variables restored from {path}",
-    )
-    return fresh
 
 
 class Train:
@@ -122,10 +58,18 @@ class Train:
         self.save_path, self.hist_path, self.is_chief = self.files.save_path, self.files.hist_path, self.files.is_chief
         self.eval_paths, self.custom_callbacks = list(eval_paths or []), list(callbacks or [])
         self.global_batch_size = config.batch_size * self.strategy.num_replicas_in_sync
-        self.runner = runner.StepRunner(self.strategy, config.steps_per_execution, config.jit_compile, config.verbose)
+        self.runner = runner.StepRunner(
+            self.strategy,
+            config.steps_per_execution,
+            config.jit_compile,
+            config.verbose,
+            accumulation=config.gradient_accumulation_steps,
+            clip_norm=config.gradient_clip_norm,
+        )
         self.history = myCallbacks.MyHistory(self.files.hist_path)
         self._resume_pending = config.resume and self.files.can_resume(self.history)
         self._first_train, self.stop_reason, self.model, self.optimizer = True, None, None, None
+        self.stage_epochs = []
         if self._resume_pending:
             print(f">>>> Resuming from checkpoint {self.save_path} (pass resume=False to start over)")
             basic_model, model = EMBEDDING_LAYER, self.save_path
@@ -139,7 +83,9 @@ class Train:
         """The model sources: a basic model (object or file), or a full model (file or object) to continue."""
         full_model = models.load_model(model, custom_objects, compile=compile) if model is not None else None
         if full_model is not None:
-            self.basic_model = extract_basic_model(full_model, EMBEDDING_LAYER if basic_model is None else basic_model)
+            self.basic_model = models.extract_basic_model(
+                full_model, EMBEDDING_LAYER if basic_model is None else basic_model
+            )
         elif isinstance(basic_model, str | keras.Model):
             self.basic_model = models.load_model(basic_model, custom_objects)
         else:
@@ -161,7 +107,9 @@ class Train:
         )
         if full_model is not None:
             self.builder.adopt_heads(full_model)
-            self.builder.optimizer = self.optimizer = restored_optimizer(full_model, model) if compile else None
+            self.builder.optimizer = self.optimizer = (
+                optimizers.restored_optimizer(full_model, model) if compile else None
+            )
 
     def _make_evaluators(self):
         """One evaluator per bin (the best basic model is kept on the last one); each bin is fully decoded now."""
@@ -206,34 +154,40 @@ class Train:
         return self.builder.center_loss
 
     # ------------------------------------------------------------------------------------------ training
-    def _callbacks(self, stage, history, nan_guard, gently_stop, train_ds):
+    def _callbacks(self, stage, nan_guard, gently_stop, train_ds, updates_per_epoch):
         """The stage's callbacks, in the order they run at an epoch end: the checkpoint is written before any
-        evaluation (a failing evaluation cannot cost it), the history after (it records the evaluation)."""
+        evaluation (a failing evaluation cannot cost it), the history after (it records the evaluation), then the
+        user's callbacks (they see the epoch's evaluation and learning rate in the logs)."""
         config = self.config
         lr_scheduler = myCallbacks.build_lr_scheduler(
             config.lr_base, config.lr_decay, config.lr_decay_steps, config.lr_min, config.lr_warmup_steps,
-            self.steps_per_epoch,
+            updates_per_epoch,
         )  # fmt: skip
         callbacks = [lr_scheduler, nan_guard, *self.files.checkpoint_callbacks(stage.center_loss), *self.evaluators]
-        callbacks += [history, myCallbacks.UnreadableImagesReport(train_ds.skipped), *self.custom_callbacks]
-        return keras.callbacks.CallbackList([*callbacks, gently_stop], model=stage.model, add_history=False)
+        callbacks += [self.history, myCallbacks.UnreadableImagesReport(train_ds.skipped)]
+        if config.plot_history and self.is_chief:
+            callbacks.append(
+                myCallbacks.HistoryPlot(self.files.hist_plot_path, self.history, lambda: self.stage_epochs)
+            )
+        callbacks += [*self.custom_callbacks, gently_stop]
+        return keras.callbacks.CallbackList(callbacks, model=stage.model, add_history=False)
 
-    def train_single_scheduler(self, loss, epoch, initial_epoch=0, history=None, **stage_options):
+    def train_single_scheduler(self, loss, epoch, initial_epoch=0, **stage_options):
         """Train one stage: ``epoch`` epochs from ``initial_epoch`` with ``loss`` and the other scheduler keys."""
         stages.check_stage_keys(dict(stage_options, loss=loss, epoch=epoch))
         with self.strategy.scope():
             stage = self.builder.build(loss, **stage_options)
         self.model, self.optimizer = stage.model, stage.optimizer
         train_ds = self._dataset(stage.image_per_class)
+        accumulation = self.config.gradient_accumulation_steps
+        updates_per_epoch = max(1, train_ds.steps_per_epoch // accumulation)  # each update takes that many batches
         nan_guard, gently_stop = myCallbacks.NanLossGuard(), myCallbacks.GentlyStop()
-        callbacks = self._callbacks(stage, history or self.history, nan_guard, gently_stop, train_ds)
+        callbacks = self._callbacks(stage, nan_guard, gently_stop, train_ds, updates_per_epoch)
         make_worker_dataset = lambda batch_size, shard: self._dataset(stage.image_per_class, batch_size, shard).dataset  # noqa: E731
         iterator = iter(self.runner.distribute(train_ds.dataset, self.global_batch_size, make_worker_dataset))
         run_steps = self.runner.train_function(stage, self.classes)
-        epochs = (initial_epoch, initial_epoch + epoch)
-        self.runner.fit(
-            stage.model, run_steps, iterator, callbacks, epochs, train_ds.steps_per_epoch, self.global_batch_size
-        )
+        epochs, images_per_update = (initial_epoch, initial_epoch + epoch), self.global_batch_size * accumulation
+        self.runner.fit(stage.model, run_steps, iterator, callbacks, epochs, updates_per_epoch, images_per_update)
         self.basic_model.trainable = True
         if stage.model.stop_training:
             self.stop_reason = "nan" if nan_guard.nan_epoch is not None else "gently_stop"
@@ -263,6 +217,7 @@ class Train:
         for stage in schedule:
             stages.check_stage_keys(stage)
         done, self.stop_reason = self._epochs_done(initial_epoch), None
+        self.stage_epochs = ([initial_epoch] if initial_epoch else []) + [int(stage["epoch"]) for stage in schedule]
         for stage in schedule:
             epochs = int(stage.pop("epoch"))
             skip = min(done, epochs)
@@ -278,58 +233,56 @@ class Train:
         return self.history.history
 
 
-# ---------------------------------------------------------------------------------------------------- demo
-def run_demo(data_dir="datasets/demo", epochs=8, batch_size=64, seed=0):
-    """The README's main job: build the demo dataset, train MobileFaceNet with ArcFace, print verification accuracy.
+# ---------------------------------------------------------------------------------------------------- recipes
+DEMO_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "demo.py")
 
-    Sized to finish in a few minutes on a 2-core CPU: 150 identities x 20 images of 48x48 pixels.
-    """
-    import demo_data
 
-    keras.utils.set_random_seed(seed)
-    paths = demo_data.make_demo_dataset(data_dir, seed=seed, **demo_data.DEMO_JOB)
-    image_size = demo_data.DEMO_JOB["image_size"]
-    basic_model = models.buildin_models(
-        "mobilefacenet",
-        dropout=0,
-        emb_shape=128,
-        input_shape=(image_size, image_size, 3),
-        output_layer="GDC",
-        bn_momentum=0.9,
-    )  # bn_momentum 0.9: a short run must forget the initial moving variance of 1 (0.99**300 is still 5%)
-    tt = Train(
-        paths["train_dir"],
-        "demo_mobilefacenet.keras",
-        eval_paths=[paths["bin_path"]],
-        basic_model=basic_model,
-        batch_size=batch_size,
-        lr_base=0.003,
-        lr_decay=0.5,
-        lr_decay_steps=epochs,
-        lr_min=1e-5,
-        random_status=0,
-        resume=False,
-        seed=seed,
-    )
-    optimizer = keras.optimizers.AdamW(0.003, weight_decay=5e-4)
-    history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": optimizer, "epoch": epochs}], 0)
-    name = os.path.splitext(os.path.basename(paths["bin_path"]))[0]
-    print(f">>>> demo verification accuracy on unseen identities ({name}): {max(history[name]):.4f}")
+def run_recipe(loaded):
+    """Train a loaded ``recipe.Recipe``; prints the best result on each evaluation bin and returns the history."""
+    kwargs = dict(loaded.train_kwargs)
+    data_path, save_path, eval_paths = kwargs.pop("data_path"), kwargs.pop("save_path"), kwargs.pop("eval_paths", ())
+    trainer = Train(data_path, save_path, eval_paths, basic_model=loaded.build_basic_model(), **kwargs)
+    history = trainer.train(loaded.schedule, 0)
+    if loaded.after_training is not None:
+        loaded.after_training(trainer, loaded)
+    for name in (os.path.splitext(os.path.basename(path))[0] for path in trainer.eval_paths):
+        scores = [score for score in trainer.history.history.get(name, []) if score is not None]
+        if scores:
+            print(f">>>> best accuracy on {name}: {max(scores):.4f} (epoch {scores.index(max(scores)) + 1})")
     return history
 
 
-def main(argv=None):
+def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description="Train from a recipe file: python train.py --config recipes/NAME.py [overrides]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--demo", action="store_true", help="build the synthetic demo dataset and train on it")
-    parser.add_argument("--data_dir", default="datasets/demo", help="where the demo dataset is written")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--config", help="recipe file (see recipes/)")
+    parser.add_argument("--demo", action="store_true", help="the synthetic demo run (= --config recipes/demo.py)")
+    parser.add_argument("--data_path", help="training data: class folder, image-list .npz or distillation .tfrecord")
+    parser.add_argument("--save_path", help="checkpoint file of the full model (.keras or .h5)")
+    parser.add_argument("--batch_size", type=int, help="batch size per replica")
+    parser.add_argument("--lr_base", type=float, help="base learning rate")
+    parser.add_argument("--mixed_precision", choices=("mixed_float16", "mixed_bfloat16"), help="mixed precision")
+    parser.add_argument("--epochs_scale", type=float, default=1.0, help="multiply every stage's epochs")
+    parser.add_argument("--smoke", action="store_true", help="check the recipe: a few steps on demo data")
     args = parser.parse_args(argv)
-    if not args.demo:
-        parser.error("use --demo, or import train in Python: tt = train.Train(...); tt.train(sch, 0)")
-    run_demo(args.data_dir, args.epochs, args.batch_size)
+    if bool(args.config) == bool(args.demo):
+        parser.error("give --config RECIPE or --demo")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    overrides = {key: getattr(args, key) for key in recipe.OVERRIDE_KEYS}
+    loaded = recipe.scale_epochs(
+        recipe.load_recipe(DEMO_RECIPE if args.demo else args.config, overrides), args.epochs_scale
+    )
+    if args.smoke:
+        loaded = recipe.smoke_test(
+            loaded, os.path.join("checkpoints", "smoke", "data"), os.path.join("checkpoints", "smoke")
+        )
+    run_recipe(loaded)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """train.Train end to end on tiny demo data: training, history, checkpoints, resume, NaN and gentle stop."""
 
+import csv
+import glob
 import io
 import json
 import os
@@ -26,9 +28,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def trained(demo_small, tmp_path_factory):
-    """Softmax then ArcFace on the small demo set; shared by the checks below."""
+    """Softmax then ArcFace on the small demo set, with TensorBoard and CSVLogger attached; shared by the checks."""
     keras.utils.set_random_seed(0)
     save_dir = tmp_path_factory.mktemp("ckpt")
+    user_callbacks = [
+        keras.callbacks.TensorBoard(str(save_dir / "tensorboard")),
+        keras.callbacks.CSVLogger(str(save_dir / "log.csv")),  # rewritten by each stage, as by each model.fit call
+    ]
     tt = train.Train(
         demo_small["train_dir"],
         str(save_dir / "tiny.keras"),
@@ -38,6 +44,7 @@ def trained(demo_small, tmp_path_factory):
         lr_base=0.01,
         random_status=0,
         verbose=0,
+        callbacks=user_callbacks,
     )
     sch = [
         {"loss": keras.losses.CategoricalCrossentropy(label_smoothing=0.1), "optimizer": "adam", "epoch": 5},
@@ -78,6 +85,37 @@ def test_checkpoints_reload_with_same_outputs(trained):
     assert len(best) == 1 and best[0].endswith(".keras")
     assert keras.models.load_model(os.path.join(save_dir, best[0])).output_shape == (None, 32)
     assert not [ff for ff in os.listdir(save_dir) if ".tmp" in ff]
+
+
+def _tensorboard_scalars(log_dir):
+    """``{tag: [values by step]}`` of the scalar summaries in a TensorBoard log folder."""
+    scalars = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "train", "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor) if value.HasField("tensor") else np.asarray(value.simple_value)
+                if array.dtype.kind == "f" and array.ndim == 0:
+                    scalars.setdefault(value.tag, {})[event.step] = float(array)
+    return {tag: [steps[step] for step in sorted(steps)] for tag, steps in scalars.items()}
+
+
+def test_tensorboard_and_csv_logger_record_loss_lr_and_evaluation(trained):
+    _, history, _, _, save_dir = trained
+    scalars = _tensorboard_scalars(str(save_dir / "tensorboard"))
+    for key in ("loss", "lr", "demo_eval", "demo_eval_thresh", "accuracy"):
+        np.testing.assert_allclose(scalars["epoch_" + key], history[key], rtol=1e-6)
+    with open(save_dir / "log.csv") as ff:
+        rows = list(csv.DictReader(ff))
+    assert [int(row["epoch"]) for row in rows] == [5, 6, 7]  # the last stage (ArcFace)
+    for key in ("loss", "lr", "demo_eval", "arcface_loss"):
+        np.testing.assert_allclose([float(row[key]) for row in rows], history[key][5:], rtol=1e-9)
+
+
+def test_history_picture_is_drawn(trained):
+    _, _, _, _, save_dir = trained
+    with Image.open(save_dir / "tiny_hist.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 400
+    assert not [name for name in os.listdir(save_dir) if ".tmp" in name]
 
 
 def test_scheduler_dicts_are_not_mutated(trained):

@@ -1,0 +1,57 @@
+"""``TrainConfig``: every option of ``train.Train`` with its default and meaning, declared once.
+
+The input options (augmentation, sampling, caching) come from ``data.PipelineOptions``, which the data pipeline
+reads; ``Train(..., **options)`` and a recipe's ``train_kwargs`` are checked against these fields, so a misspelled
+option is an error that names the closest real ones.
+"""
+
+import dataclasses
+import difflib
+
+import data
+
+
+@dataclasses.dataclass
+class TrainConfig(data.PipelineOptions):
+    """Every ``Train`` option with its default (the input options come from ``data.PipelineOptions``)."""
+
+    batch_size: int = 128  # per replica: the global batch is batch_size * replicas
+    lr_base: float = 0.001
+    lr_decay: float = 0.05
+    lr_decay_steps: object = 0  # see myCallbacks.build_lr_scheduler
+    lr_min: float = 0.0
+    lr_warmup_steps: int = 0
+    eval_freq: int = 1  # > 1 also evaluates every eval_freq batches
+    eval_batch_size: int = 128
+    eval_image_scale: float = data.SEEDS_SCALE
+    output_weight_decay: float = 0  # L2 of the heads: 0 none, (0, 1) that value / 2, >= 1 x the basic model's L2
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+    mixed_precision: str | None = None  # "mixed_float16" / "mixed_bfloat16"
+    partial_fc_rate: float = 1.0  # < 1: a Partial FC head samples this share of the classes per step
+    gradient_accumulation_steps: int = 1  # > 1: each update sums the gradients of that many batches
+    gradient_clip_norm: float | None = None  # clip the global norm of each update's gradient (all replicas)
+    plot_history: bool = True  # redraw <stem>_hist.png at each epoch end
+    resume: bool = True  # continue an interrupted run of the same save_path
+    verbose: int = 1
+
+    def __post_init__(self):
+        if not 0 < self.partial_fc_rate <= 1:
+            raise ValueError(f"partial_fc_rate must be in (0, 1], got {self.partial_fc_rate}")
+        if self.partial_fc_rate < 1 and self.mixup_alpha > 0:
+            raise ValueError("partial_fc_rate < 1 does not support mixup_alpha > 0")
+        if int(self.gradient_accumulation_steps) < 1 or (
+            self.gradient_clip_norm is not None and self.gradient_clip_norm <= 0
+        ):
+            raise ValueError("gradient_accumulation_steps must be >= 1 and gradient_clip_norm > 0 (or None)")
+
+    @classmethod
+    def from_options(cls, options):
+        """The config of ``Train(**options)``; a misspelled option is an error naming the closest ones."""
+        known = [field.name for field in dataclasses.fields(cls)]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+                hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+                raise TypeError(f"unknown Train option {key!r}{hint}")
+        return cls(**options)

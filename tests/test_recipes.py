@@ -1,0 +1,138 @@
+"""Recipes and ``python train.py --config``: every shipped recipe loads and runs a smoke test, command-line
+overrides, clear errors that name the recipe file and where, and a killed ``--config`` run that resumes."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import losses
+import recipe
+import train
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.py")))
+NEEDS_NO_DATA = [path for path in RECIPES if not path.endswith("demo.py")]  # the demo writes its data when loaded
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """
+import keras, losses
+
+def basic_model(input_shape=(32, 32, 3)):
+    inputs = keras.Input(input_shape)
+    nn = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    nn = keras.layers.GlobalAveragePooling2D()(nn)
+    return keras.Model(inputs, keras.layers.Dense(16, name="embedding")(nn))
+
+train_kwargs = dict(data_path="{data}", save_path="{save}", batch_size=16, lr_base=0.01, verbose=0)
+schedule = [{{"loss": "ArcfaceLoss", "epoch": 2}}, {{"loss": losses.CosFaceLoss(), "epoch": 3}}]
+"""
+
+
+def test_shipped_recipes_load_with_their_names_and_losses():
+    assert {os.path.basename(path) for path in RECIPES} >= {
+        "demo.py",
+        "ms1m_mobilenet_emb256.py",
+        "casia_r34_mxnet_parity.py",
+        "glint360k_r100_partial_fc.py",
+        "casia_mobilenet_distill.py",
+        "casia_mobilenet_subcenter_clean.py",
+    }
+    for path in NEEDS_NO_DATA:
+        loaded = recipe.load_recipe(path)
+        assert loaded.schedule and all(isinstance(stage["loss"], keras.losses.Loss) for stage in loaded.schedule)
+        assert loaded.train_kwargs["save_path"].endswith(".keras") and callable(loaded.basic_model)
+    glint = recipe.load_recipe(os.path.join(ROOT, "recipes", "glint360k_r100_partial_fc.py"))
+    assert glint.train_kwargs["partial_fc_rate"] == 0.1 and isinstance(glint.schedule[0]["loss"], losses.CosFaceLoss)
+
+
+def test_overrides_and_epochs_scale(tmp_path):
+    path = _write(tmp_path / "good.py", GOOD.format(data="/nowhere", save="x.keras"))
+    loaded = recipe.load_recipe(path, {"data_path": str(tmp_path), "batch_size": 4, "lr_base": None})
+    assert loaded.train_kwargs["data_path"] == str(tmp_path) and loaded.train_kwargs["batch_size"] == 4
+    assert loaded.train_kwargs["lr_base"] == 0.01  # None keeps the recipe's value
+    assert isinstance(loaded.schedule[0]["loss"], losses.ArcfaceLoss)  # named by a string
+    scaled = recipe.scale_epochs(loaded, 2.5)
+    assert [stage["epoch"] for stage in scaled.schedule] == [5, 8] and [s["epoch"] for s in loaded.schedule] == [2, 3]
+    assert [stage["epoch"] for stage in scaled.rescheduled([{"loss": "CosFaceLoss", "epoch": 4}])] == [10]
+    assert loaded.build_basic_model((48, 48, 3)).input_shape == (None, 48, 48, 3)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("train_kwargs = {}\nschedule = []", r"missing basic_model \(a recipe defines"),
+        ("import losses\nbasic_model = None\ntrain_kwargs = {}\nschedule = [losses.ArcfaceLos()]", r"line 4: .*ArcfaceLos.*did you mean ArcfaceLoss"),
+        ("basic_model = lambda: None\ntrain_kwargs = dict(data_path='d', save_path='s.keras')\nschedule = [{'loss': 'arcfase', 'epoch': 1}]", r"schedule\[0\]: unknown loss 'arcfase'"),
+        ("basic_model = lambda: None\ntrain_kwargs = dict(data_path='d', save_path='s.keras', lr_bse=0.1)\nschedule = [{'loss': 'ArcfaceLoss', 'epoch': 1}]", r"train_kwargs: unknown Train option 'lr_bse'; did you mean 'lr_base'\?"),
+        ("basic_model = lambda: None\ntrain_kwargs = dict(data_path='d', save_path='s.keras')\nschedule = [{'loss': 'ArcfaceLoss', 'epochs': 1}]", r"schedule\[0\]: .*misses \['epoch'\]"),
+        ("basic_model = lambda: None\ntrain_kwargs = dict(save_path='s.keras')\nschedule = [{'loss': 'ArcfaceLoss', 'epoch': 1}]", r"misses 'data_path' \(or give --data_path"),
+    ],
+)  # fmt: skip
+def test_recipe_mistakes_name_the_file_and_where(tmp_path, body, message):
+    path = _write(tmp_path / "bad.py", body)
+    with pytest.raises(recipe.RecipeError, match=re.escape(path) + ".*" + message):
+        recipe.load_recipe(path)
+
+
+def test_cli_reports_a_bad_recipe_in_one_line(tmp_path, capsys):
+    path = _write(tmp_path / "bad.py", "import losses\nschedule = [losses.NoSuchLoss()]\n")
+    assert utils.run_main(train.main, ["--config", path]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{path}, line 2: AttributeError" in lines[0]
+    assert utils.run_main(train.main, ["--config", str(tmp_path / "missing.py")]) == 2
+    assert "recipe not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RECIPES, ids=lambda path: os.path.basename(path)[:-3])
+def test_every_shipped_recipe_runs_a_smoke_test(path, tmp_path, monkeypatch):
+    """``--smoke``: each stage trains one epoch on demo data; the sub-center recipe then cleans the data and trains on."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        train.main(["--config", path, "--smoke"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    stem = os.path.basename(path)[:-3]
+    history = json.load(open(tmp_path / "checkpoints" / "smoke" / f"{stem}_hist.json"))
+    stages_run = len(recipe.load_recipe(path).schedule) if stem != "demo" else 1
+    if stem == "casia_mobilenet_subcenter_clean":
+        stages_run *= 2  # the schedule again, on the cleaned data
+        assert glob.glob(str(tmp_path / "*topK3_deg75.npz"))
+    assert len(history["loss"]) == stages_run and np.isfinite(history["loss"]).all()
+    assert os.path.exists(tmp_path / "checkpoints" / "smoke" / f"{stem}_hist.png")
+
+
+@pytest.mark.slow
+def test_a_killed_config_run_resumes_with_the_same_command(demo_small, tmp_path):
+    path = _write(tmp_path / "tiny.py", GOOD.format(data=demo_small["train_dir"], save=str(tmp_path / "tiny.keras")))
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", path, "--batch_size", "8"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hist_path = tmp_path / "tiny_hist.json"
+    deadline = time.time() + 300
+    while not (hist_path.exists() and json.load(open(hist_path))["loss"]) and time.time() < deadline:
+        time.sleep(0.2)  # until the first epoch is saved; then kill it in the second
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(60) == -signal.SIGKILL
+    done_before = len(json.load(open(hist_path))["loss"])
+    assert 1 <= done_before < 5
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{done_before} epochs already done" in resumed.stdout
+    history = json.load(open(hist_path))
+    assert len(history["loss"]) == 5 and None not in history["loss"]  # 2 + 3 epochs, each once

@@ -1,0 +1,76 @@
+"""The step runner: gradient accumulation and clipping (against one large batch, also under MirroredStrategy and
+mixed precision), and that clipping bounds the applied update."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import tiny_basic_model
+
+import data
+import losses
+import runner
+import stages
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _one_update(stage, step_runner, images, labels):
+    """Trainable weights before and after one update of ``stage`` on one batch."""
+    before = [var.numpy().copy() for var in stage.model.trainable_variables]
+    batches = tf.data.Dataset.from_tensors((images, {data.LABEL_KEY: labels})).repeat()
+    run_steps = step_runner.train_function(stage, classes=12)
+    run_steps(iter(step_runner.distribute(batches, len(images))), tf.constant(1))
+    return before, [var.numpy() for var in stage.model.trainable_variables]
+
+
+def test_clipping_bounds_the_applied_update():
+    """Plain SGD with learning rate 1: the update is minus the gradient, clipped to a global norm of 1e-3 while
+    keeping its direction."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.normal(size=(8, 32, 32, 3)).astype("float32"), np.arange(8, dtype="int32")
+    builder = stages.StageBuilder(tiny_basic_model(), classes=12)
+    stage = builder.build(losses.ArcfaceLoss(scale=16), optimizer=keras.optimizers.SGD(1.0))
+    start = [var.numpy().copy() for var in stage.model.trainable_variables]
+    free_before, free_after = _one_update(stage, runner.StepRunner(tf.distribute.get_strategy()), images, labels)
+    for var, value in zip(stage.model.trainable_variables, start):
+        var.assign(value)
+    clipped_stage = builder.build(losses.ArcfaceLoss(scale=16), optimizer=keras.optimizers.SGD(1.0))
+    clip_runner = runner.StepRunner(tf.distribute.get_strategy(), clip_norm=1e-3)
+    clip_before, clip_after = _one_update(clipped_stage, clip_runner, images, labels)
+    free = np.concatenate([(aa - bb).ravel() for aa, bb in zip(free_after, free_before)])
+    clipped = np.concatenate([(aa - bb).ravel() for aa, bb in zip(clip_after, clip_before)])
+    assert np.linalg.norm(free) > 0.1  # the raw gradient is far above the bound
+    assert np.linalg.norm(clipped) == pytest.approx(1e-3, rel=1e-4)
+    expected = free * 1e-3 / np.linalg.norm(free)  # float32 weights of ~1 resolve updates to ~6e-8: compare norms
+    assert np.linalg.norm(clipped - expected) < 1e-3 * np.linalg.norm(expected)
+
+
+@pytest.mark.slow
+def test_accumulation_and_clipping_equal_one_large_batch(tmp_path):
+    """k batches of B accumulated = one batch of k * B (no batch statistics in the model), on one device, on two
+    mirrored replicas, with a clipped gradient, and in mixed precision (to its rounding)."""
+    job = os.path.join(HERE, "accumulation_job.py")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    done = subprocess.run([sys.executable, job, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {row["name"]: row for row in map(json.loads, done.stdout.strip().splitlines())}
+    tolerances = {
+        "accumulate_one_device": 1e-5,
+        "accumulate_mirrored": 1e-5,
+        "clip_mirrored": 1e-7,
+        "clip_and_accumulate_mirrored": 1e-7,
+        "accumulate_mixed_float16": 5e-3,
+        "accumulate_mixed_bfloat16": 2e-2,
+    }
+    assert set(results) == set(tolerances)
+    for name, tolerance in tolerances.items():
+        row = results[name]
+        assert row["start_diff"] == 0 and row["steps"] == row["ref_steps"] == 2, row
+        assert row["diff"] < tolerance and row["moved"] > 100 * row["diff"], row  # equal, and training did move
+    assert results["clip_mirrored"]["moved"] < 0.011  # 2 updates of at most lr 0.1 x norm 0.05 (with momentum)
