@@ -29,6 +29,7 @@ class TrainConfig(data.PipelineOptions):
     jit_compile: bool = False
     mixed_precision: str | None = None  # "mixed_float16" / "mixed_bfloat16"
     partial_fc_rate: float = 1.0  # < 1: a Partial FC head samples this share of the classes per step
+    fast_kernels: bool = True  # fused batch norm, PReLU and momentum SGD kernels in the step (TensorFlow)
     gradient_accumulation_steps: int = 1  # > 1: each update sums the gradients of that many batches
     gradient_clip_norm: float | None = None  # clip the global norm of each update's gradient (all replicas)
     plot_history: bool = True  # redraw <stem>_hist.png at each epoch end

@@ -7,12 +7,14 @@ mean, exactly as on one device. Keras callbacks are driven through a ``keras.cal
 events and logs as ``model.fit``. TensorFlow-only: this is the seam where a runner of another backend plugs in.
 """
 
+import contextlib
 import time
 
 import keras
 import tensorflow as tf
 
 import data
+import fast_kernels
 
 
 def num_workers(strategy):
@@ -67,13 +69,16 @@ class StepRunner:
     """Runs the steps and epochs of training stages; see the module docstring.
 
     ``steps_per_execution`` steps run per ``tf.function`` call (fewer Python round trips); ``jit_compile`` compiles
-    the replica step with XLA.
+    the replica step with XLA; ``fast`` traces it with ``fast_kernels`` (fused batch norm, PReLU and momentum SGD).
     """
 
-    def __init__(self, strategy, steps_per_execution=1, jit_compile=False, verbose=1, accumulation=1, clip_norm=None):
+    def __init__(
+        self, strategy, steps_per_execution=1, jit_compile=False, verbose=1, accumulation=1, clip_norm=None, fast=True
+    ):
         self.strategy, self.replicas = strategy, strategy.num_replicas_in_sync
         self.steps_per_execution, self.jit_compile = max(1, int(steps_per_execution)), jit_compile
         self.verbose, self.accumulation, self.clip_norm = verbose, max(1, int(accumulation)), clip_norm
+        self.kernels = fast_kernels.training_kernels if fast else contextlib.nullcontext
 
     # ------------------------------------------------------------------------------------------ input
     def distribute(self, dataset, global_batch_size, make_worker_dataset=None):
@@ -168,7 +173,7 @@ class StepRunner:
     def train_function(self, stage, classes):
         """A ``tf.function(iterator, num_steps)`` running that many updates (each on ``accumulation`` batches);
         returns the mean logs of those updates."""
-        strategy, accumulation = self.strategy, self.accumulation
+        strategy, accumulation, kernels = self.strategy, self.accumulation, self.kernels
         replica_step = self._replica_step(stage, classes)
         log_keys = ["loss", "regular_loss"] + [name + "_loss" for name in stage.specs]
         log_keys += ["accuracy"] if stage.accuracy_output else []
@@ -176,10 +181,12 @@ class StepRunner:
 
         @tf.function
         def run_steps(iterator, num_steps):
+            """``num_steps``: a Python int (one trace per value; 1 unrolls to no loop at all) or a tensor."""
             sums = {key: tf.constant(0.0) for key in log_keys}
-            for _ in tf.range(num_steps):
+            for _ in range(num_steps) if isinstance(num_steps, int) else tf.range(num_steps):
                 batches = tuple(next(iterator) for _ in range(accumulation))
-                per_replica = strategy.run(replica_step, args=(batches,))
+                with kernels():  # the step is traced here: with the fast kernels for BN, PReLU and SGD
+                    per_replica = strategy.run(replica_step, args=(batches,))
                 sums = {
                     key: sums[key] + strategy.reduce(reductions[key], per_replica[key], axis=None) for key in log_keys
                 }
@@ -195,7 +202,7 @@ class StepRunner:
         while step < steps_per_epoch and not model.stop_training:
             num = min(self.steps_per_execution, steps_per_epoch - step)
             callbacks.on_train_batch_begin(step)
-            logs = {key: float(value) for key, value in run_steps(iterator, tf.constant(num)).items()}
+            logs = {key: float(value) for key, value in run_steps(iterator, num).items()}
             step += num
             for key, value in logs.items():
                 totals[key] = totals.get(key, 0.0) + value * num

@@ -31,5 +31,6 @@ setup(
         "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime"],
         "onnx": ["onnxruntime", "tf2onnx"],
         "cv": ["opencv-python-headless"],
+        "bench": ["tf-keras"],  # bench/keras2_reference.py: legacy Keras 2, the library users run today
     },
 )

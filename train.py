@@ -65,6 +65,7 @@ class Train:
             config.verbose,
             accumulation=config.gradient_accumulation_steps,
             clip_norm=config.gradient_clip_norm,
+            fast=config.fast_kernels,
         )
         self.history = myCallbacks.MyHistory(self.files.hist_path)
         self._resume_pending = config.resume and self.files.can_resume(self.history)

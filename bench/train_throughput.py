@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""Training-step speed (issue 9), printed as one JSON line.
+"""Training speed, printed as one JSON line.
 
-Default mode: images/s of ``train.Train``'s step (``Train._make_step_fn``, the loop ``Train.train`` runs) with a
-softmax head and with an ArcFace head, and of a plain ``keras.Model.fit`` with a ``Dense`` softmax head on the same
-backbone as the baseline, all in this run on synthetic in-memory batches (the input pipeline is not measured).
-Each figure is the best of ``--repeats`` timed chunks of ``--steps`` steps after a warm-up, which damps the noise
-of a shared CPU.
+``--vs-keras2 --data DIR``: ``train.Train`` against the library users run today (Keras_insightface: TensorFlow with
+legacy Keras 2, ``model.fit``; ``bench/keras2_reference.py``) on the same network, the same JPEG folder and the same
+settings (batch 64, SGD momentum 0.9, ArcFace s=64, random flip, float32). Each side runs in its own process,
+alternated ``--repeats`` times; images/s is the median of the steady-state batch-to-batch times of a run, and the
+ratio compares the medians over the runs. ``--data`` defaults to 2,000 generated 112x112 demo faces (100 classes).
 
-``--partial_fc RATE``: one training step (backbone + NormDense head + ArcFace loss + ``losses.LazySGD`` with momentum) with the full head
-over ``--classes`` classes against ``losses.PartialFCNormDense`` at the given sample rate; each variant runs in its
-own subprocess so that its peak RSS is its own.
+Default mode: ``Train``'s loop with a softmax and with an ArcFace head against a plain Keras 3 ``model.fit`` on
+synthetic in-memory batches (the input pipeline is not measured).
+
+``--partial_fc RATE``: one training step (backbone + NormDense head + ArcFace loss + ``losses.LazySGD`` with momentum)
+with the full head over ``--classes`` classes against ``losses.PartialFCNormDense`` at the given sample rate; each
+variant runs in its own subprocess so that its peak RSS is its own.
 
 Usage::
 
+    OMP_NUM_THREADS=2 python bench/train_throughput.py --vs-keras2 --network mobilefacenet --repeats 3
     OMP_NUM_THREADS=2 python bench/train_throughput.py --backbone mobilefacenet --batch 64 --classes 10000
     python bench/train_throughput.py --partial_fc 0.1 --classes 1000000 --backbone tiny --batch 64
 """
@@ -39,12 +43,12 @@ import models  # noqa: E402
 import train  # noqa: E402
 
 
-def build_backbone(name, image_size, emb_shape):
+def build_backbone(name, image_size, emb_shape, output_layer="GDC"):
     """A ``models.buildin_models`` backbone, or ``"tiny"``: two strided convolutions + a Dense embedding (a cheap
     backbone that leaves the classification head as the cost under study)."""
     shape = (image_size, image_size, 3)
     if name != "tiny":
-        return models.buildin_models(name, emb_shape=emb_shape, input_shape=shape, output_layer="GDC")
+        return models.buildin_models(name, emb_shape=emb_shape, input_shape=shape, output_layer=output_layer)
     inputs = keras.Input(shape)
     nn = keras.layers.Conv2D(16, 3, strides=4, activation="relu")(inputs)
     nn = keras.layers.Conv2D(32, 3, strides=4, activation="relu")(nn)
@@ -60,75 +64,65 @@ def synthetic_batches(batch, image_size, classes, seed=0):
     return images, labels
 
 
-def best_rate(run_chunk, steps, repeats, batch):
-    """Images/s of the fastest of ``repeats`` calls of ``run_chunk()`` (each runs ``steps`` steps)."""
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run_chunk()
-        best = min(best, time.perf_counter() - start)
-    return steps * batch / best
-
-
 # ---------------------------------------------------------------------------------------------- Train vs fit
-def train_step_rate(args, loss, images, labels, workdir):
-    """Images/s of ``Train``'s own step function for ``loss`` (its head is built by ``Train``)."""
-    ds = tf.data.Dataset.from_tensors((images, {"label": labels})).repeat()
-    dataset = data.TrainDataset(ds, steps_per_epoch=1, classes=args.classes, num_images=args.batch)
+class BatchTimes(keras.callbacks.Callback):
+    """Wall-clock time at the end of every batch."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times = getattr(self, "times", []) + [time.perf_counter()]
+
+
+def steady_rate(times, batch, warmup):
+    """Images/s of the median batch-to-batch time after ``warmup`` batches (trace, first steps) are dropped."""
+    return batch / float(np.median(np.diff(times[warmup - 1 :])))
+
+
+def train_rate(args, loss, dataset, workdir, warmup=3):
+    """``(images/s, first-step seconds)`` of ``Train``'s loop with ``loss`` (its head is built by ``Train``)."""
+    timer = BatchTimes()
     tt = train.Train(
         dataset,
         os.path.join(workdir, "bench.keras"),
-        basic_model=build_backbone(args.backbone, args.image_size, args.emb_shape),
+        basic_model=build_backbone(args.backbone, args.image_size, args.emb_shape, args.output_layer),
         batch_size=args.batch,
-        steps_per_execution=args.steps,
+        steps_per_execution=args.steps_per_execution,
         jit_compile=args.xla,
         resume=False,
         verbose=0,
+        plot_history=False,
+        random_status=0,
+        callbacks=[timer],
     )
-    tt.train([{"loss": loss, "optimizer": keras.optimizers.SGD(0.01, momentum=0.9), "epoch": 1}], 0)  # builds, traces
-    head_type = losses.get_head_type(loss)
-    specs = tt._loss_specs(head_type, loss, 1, 0, 0, 0.35, 0)
-    run_steps = tt._make_step_fn(tt.model, specs, tt.optimizer)
-    iterator = iter(tt.strategy.experimental_distribute_dataset(ds))
-    num = tf.constant(args.steps)
-    float(run_steps(iterator, num)["loss"])  # warm-up: trace this step function
-    return best_rate(lambda: float(run_steps(iterator, num)["loss"]), args.steps, args.repeats, args.batch)
+    start = time.perf_counter()
+    tt.train([{"loss": loss, "optimizer": keras.optimizers.SGD(0.01, momentum=0.9), "epoch": 1}], 0)
+    return steady_rate(timer.times, args.batch * args.steps_per_execution, warmup), timer.times[0] - start
 
 
-class _EpochTimer(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times = getattr(self, "times", []) + [time.perf_counter() - self.start]
-
-
-def fit_rate(args, images, labels):
-    """Images/s of plain ``keras.Model.fit`` with a ``Dense`` softmax head (best epoch after the first)."""
-    backbone = build_backbone(args.backbone, args.image_size, args.emb_shape)
+def fit_rate(args, images, labels, warmup=3):
+    """Images/s of plain ``keras.Model.fit`` with a ``Dense`` softmax head."""
+    backbone = build_backbone(args.backbone, args.image_size, args.emb_shape, args.output_layer)
     logits = keras.layers.Dense(args.classes, dtype="float32", name="softmax")(backbone.output)
     model = keras.Model(backbone.inputs, logits)
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=args.xla,
-        steps_per_execution=args.steps,
     )
+    timer = BatchTimes()
     ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    timer = _EpochTimer()
-    model.fit(ds, epochs=1 + args.repeats, steps_per_epoch=args.steps, verbose=0, callbacks=[timer])
-    return args.steps * args.batch / min(timer.times[1:])
+    model.fit(ds, epochs=1, steps_per_epoch=args.steps + warmup, verbose=0, callbacks=[timer])
+    return steady_rate(timer.times, args.batch, warmup)
 
 
 def compare_train_and_fit(args):
     images, labels = synthetic_batches(args.batch, args.image_size, args.classes)
+    ds = tf.data.Dataset.from_tensors((images, {"label": labels})).repeat()
+    dataset = data.TrainDataset(ds, steps_per_epoch=args.steps + 3, classes=args.classes, num_images=args.batch)
     with tempfile.TemporaryDirectory() as workdir:
         # fit between the two Train runs, so that a drift of the machine's load does not favour one side
-        softmax = train_step_rate(
-            args, keras.losses.SparseCategoricalCrossentropy(from_logits=True), images, labels, workdir
-        )
+        softmax, _ = train_rate(args, keras.losses.SparseCategoricalCrossentropy(from_logits=True), dataset, workdir)
         fit = fit_rate(args, images, labels)
-        arcface = train_step_rate(args, losses.ArcfaceLoss(), images, labels, workdir)
+        arcface, _ = train_rate(args, losses.ArcfaceLoss(), dataset, workdir)
     return {
         "fit_softmax_images_per_s": round(fit, 2),
         "train_softmax_images_per_s": round(softmax, 2),
@@ -138,11 +132,65 @@ def compare_train_and_fit(args):
     }
 
 
+# ---------------------------------------------------------------------------------------------- vs tf-keras
+NETWORK_HEADS = {"mobilefacenet": ("GDC", 256), "r50": ("E", 512)}  # the issue's networks: output layer, emb size
+
+
+def ours_child(args):
+    """``Train`` on the JPEG folder: ArcFace s=64, SGD momentum 0.9, random flip (one process per run)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        dataset = data.prepare_dataset(
+            args.data, batch_size=args.batch, img_shape=(args.image_size,) * 2, random_status=0, cache_dir=workdir
+        )
+        dataset.steps_per_epoch = args.steps + 5
+        rate, first = train_rate(args, losses.ArcfaceLoss(scale=64), dataset, workdir, warmup=5)
+    print("RESULT" + json.dumps({"images_per_s": round(rate, 2), "first_step_s": round(first, 2)}), flush=True)
+
+
+def _run_child(command):
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
+    return json.loads(proc.stdout.split("RESULT")[-1])
+
+
+def compare_with_keras2(args, argv):
+    """Alternate ours / tf-keras runs, each in a fresh process; medians and their ratio."""
+    if not args.data:
+        import demo_data
+
+        args.data = demo_data.make_demo_dataset(
+            os.path.join(tempfile.gettempdir(), "keras2_bench_faces"), num_classes=100, images_per_class=20,
+            num_eval_classes=2, eval_images_per_class=2, num_pairs=2, image_size=args.image_size,
+        )["train_dir"]  # fmt: skip
+    common = ["--data", args.data, "--batch", str(args.batch), "--image_size", str(args.image_size)]
+    common += ["--emb_shape", str(args.emb_shape), "--output_layer", args.output_layer, "--steps", str(args.steps)]
+    ours_cmd = [sys.executable, __file__, "--child", "ours", "--backbone", args.backbone, *common]
+    ours_cmd += ["--steps_per_execution", str(args.steps_per_execution)] + (["--xla"] if args.xla else [])
+    reference_cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "keras2_reference.py")]
+    reference_cmd += ["--network", args.backbone, *common]
+    runs = {"ours": [], "keras2": []}
+    for _ in range(args.repeats):
+        for name, command in (("ours", ours_cmd), ("keras2", reference_cmd)):
+            runs[name].append(_run_child(command))
+            print(name, runs[name][-1], file=sys.stderr, flush=True)
+    median = {name: float(np.median([run["images_per_s"] for run in results])) for name, results in runs.items()}
+    first = {name: float(np.median([run["first_step_s"] for run in results])) for name, results in runs.items()}
+    return {
+        "ours_images_per_s": [run["images_per_s"] for run in runs["ours"]],
+        "keras2_images_per_s": [run["images_per_s"] for run in runs["keras2"]],
+        "ours_vs_keras2": round(median["ours"] / median["keras2"], 3),
+        "ours_first_step_s": [run["first_step_s"] for run in runs["ours"]],
+        "keras2_first_step_s": [run["first_step_s"] for run in runs["keras2"]],
+        "first_step_ratio": round(first["ours"] / first["keras2"], 3),
+    }
+
+
 # ---------------------------------------------------------------------------------------------- partial FC
 def head_step_seconds(args, rate):
     """Best seconds of one training step with the full ``NormDense`` head (``rate`` None) or Partial FC."""
     images, labels = synthetic_batches(args.batch, args.image_size, args.classes)
-    backbone = build_backbone(args.backbone, args.image_size, args.emb_shape)
+    backbone = build_backbone(args.backbone, args.image_size, args.emb_shape, args.output_layer)
     head = losses.NormDense(args.classes) if rate is None else losses.PartialFCNormDense(args.classes, sample_rate=rate)
     head.build((None, args.emb_shape))
     loss_fn = losses.ArcfaceLoss()
@@ -211,13 +259,17 @@ def compare_partial_fc(args, argv):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="mobilefacenet", help="models.buildin_models name, or 'tiny'")
+    parser.add_argument("--backbone", "--network", default="mobilefacenet", help="buildin_models name, or 'tiny'")
     parser.add_argument("--image_size", type=int, default=112)
-    parser.add_argument("--emb_shape", type=int, default=512)
+    parser.add_argument("--emb_shape", type=int, default=None, help="default: 256 for mobilefacenet, else 512")
+    parser.add_argument("--output_layer", default=None, help="default: E for r50, else GDC")
+    parser.add_argument("--vs-keras2", dest="vs_keras2", action="store_true", help="compare with tf-keras fit")
+    parser.add_argument("--data", help="--vs-keras2: class folder of JPEGs (default: generated demo faces)")
+    parser.add_argument("--steps_per_execution", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10000)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed chunk")
-    parser.add_argument("--repeats", type=int, default=3, help="timed chunks; the best one is reported")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (after the warm-up steps)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs (--vs-keras2) or timed chunks (--partial_fc)")
     parser.add_argument("--precision", default="float32", help="keras mixed precision policy, e.g. mixed_bfloat16")
     parser.add_argument("--xla", action="store_true", help="jit_compile the steps")
     parser.add_argument(
@@ -229,8 +281,11 @@ def parse_args(argv):
         help="Partial FC mode: 'momentum' (losses.LazySGD, momentum 0.9) or a Keras name",
     )
     parser.add_argument("--memory_limit_gib", type=float, default=14, help="address-space cap of each Partial FC child")
-    parser.add_argument("--child", choices=("full", "partial"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--child", choices=("full", "partial", "ours"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    output_layer, emb_shape = NETWORK_HEADS.get(args.backbone, ("GDC", 512))
+    args.output_layer, args.emb_shape = args.output_layer or output_layer, args.emb_shape or emb_shape
+    return args
 
 
 def main(argv=None):
@@ -239,16 +294,17 @@ def main(argv=None):
     keras.mixed_precision.set_global_policy(args.precision)
     keras.utils.set_random_seed(0)
     if args.child:
-        return partial_fc_child(args)
-    result = compare_partial_fc(args, argv) if args.partial_fc else compare_train_and_fit(args)
-    setting = {
-        key: getattr(args, key)
-        for key in ("backbone", "image_size", "emb_shape", "batch", "classes", "precision", "xla")
-    }
+        return ours_child(args) if args.child == "ours" else partial_fc_child(args)
+    if args.vs_keras2:
+        result = compare_with_keras2(args, argv)
+    else:
+        result = compare_partial_fc(args, argv) if args.partial_fc else compare_train_and_fit(args)
+    keys = ("backbone", "image_size", "emb_shape", "output_layer", "batch", "precision", "xla")
+    setting = {key: getattr(args, key) for key in keys + (() if args.vs_keras2 else ("classes",))}
     load = os.getloadavg()[0]
     print(
         json.dumps({**setting, **result, "steps": args.steps, "repeats": args.repeats, "load_avg_1min": round(load, 2)})
-    )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

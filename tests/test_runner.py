@@ -3,8 +3,10 @@ mixed precision), and that clipping bounds the applied update."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -74,3 +76,26 @@ def test_accumulation_and_clipping_equal_one_large_batch(tmp_path):
         assert row["start_diff"] == 0 and row["steps"] == row["ref_steps"] == 2, row
         assert row["diff"] < tolerance and row["moved"] > 100 * row["diff"], row  # equal, and training did move
     assert results["clip_mirrored"]["moved"] < 0.011  # 2 updates of at most lr 0.1 x norm 0.05 (with momentum)
+
+
+def test_images_per_second_counts_the_steps_that_ran(capsys):
+    """An epoch of 10 steps stopped after 2: the printed rate is 2 steps' images over the time they took."""
+
+    class Model:
+        stop_training = False
+        optimizer = keras.optimizers.SGD(0.1)
+
+    class StopAfterTwo(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.stop_training = batch >= 1
+
+    model = Model()
+    callbacks = keras.callbacks.CallbackList([StopAfterTwo()], model=model)
+
+    def run_steps(iterator, num_steps):
+        time.sleep(0.1 * num_steps)
+        return {"loss": tf.constant(1.0)}
+
+    runner.StepRunner(tf.distribute.get_strategy(), verbose=1).fit(model, run_steps, None, callbacks, (0, 1), 10, 64)
+    rate = float(re.search(r"([0-9.]+) images/s", capsys.readouterr().out).group(1))
+    assert 100 < rate < 700  # 128 images in >= 0.2 s; dividing 10 steps' images would give > 3,000
