@@ -7,6 +7,7 @@ comparison. An :class:`Embedder` takes normalized float32 NHWC batches (see ``fo
 
 import os
 
+import keras
 import numpy as np
 
 from formats import SEEDS_SCALE, normalize_image
@@ -29,19 +30,42 @@ def _static_size(height, width):
     return (int(height), int(width)) if isinstance(height, int) and isinstance(width, int) else None
 
 
-def _keras_embedder(model):
-    """A traced ``tf.function`` around a Keras model: calling a functional model eagerly dispatches every layer
-    from Python, several times slower."""
+def compiled_inference(model):
+    """``f(batch) -> first output`` of a Keras model in inference mode, compiled once: a ``tf.function`` on
+    TensorFlow, a ``jax.jit`` of ``model.stateless_call`` on JAX (with the weights at each call). Calling a functional
+    model eagerly dispatches every layer from Python, several times slower."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        @jax.jit
+        def infer(trainable, non_trainable, images):
+            outputs, _ = model.stateless_call(trainable, non_trainable, images, training=False)
+            return outputs[0] if isinstance(outputs, list | tuple) else outputs
+
+        def call(images):
+            weights = [
+                [var.value for var in variables]
+                for variables in (model.trainable_variables, model.non_trainable_variables)
+            ]
+            return infer(*weights, np.asarray(images))
+
+        return call
     import tensorflow as tf
 
-    height, width, channels = model.inputs[0].shape[1:]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, height, width, channels], tf.float32)])
-    def embed(images):
+    @tf.function(reduce_retracing=True)
+    def call(images):
         outputs = model(images, training=False)
-        return tf.cast(outputs[0] if isinstance(outputs, list | tuple) else outputs, tf.float32)
+        return outputs[0] if isinstance(outputs, list | tuple) else outputs
 
-    return Embedder(lambda batch: embed(batch).numpy(), _static_size(height, width))
+    return call
+
+
+def _keras_embedder(model):
+    height, width = model.inputs[0].shape[1:3]
+    infer = compiled_inference(model)
+    return Embedder(
+        lambda batch: keras.ops.convert_to_numpy(infer(batch)).astype(np.float32), _static_size(height, width)
+    )
 
 
 def _onnx_embedder(path):

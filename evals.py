@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import data
 from alignment import ARCFACE_TEMPLATE, alignment_template, estimate_alignment, face_align_landmarks  # noqa: F401
+from embedder import compiled_inference
 from metrics import (  # noqa: F401
     balanced_best_threshold,
     best_threshold_accuracy,
@@ -82,11 +83,21 @@ def images_dataset(encoded_images, image_size, batch_size=128, image_scale=data.
 
 
 def make_embedding_function(basic_model, flip=True, input_spec=None):
-    """A ``tf.function`` mapping a normalized batch to float32 embeddings ``f(x) [+ f(flip(x))]``.
+    """A compiled function mapping a normalized batch to float32 embeddings ``f(x) [+ f(flip(x))]``.
 
-    A plain model call (not ``model.predict``), so it also runs from the cross-replica context of a
-    distribution strategy. ``input_spec`` (a ``tf.TensorSpec`` with a None batch size) avoids retracing.
+    On TensorFlow a ``tf.function`` with a plain model call (not ``model.predict``), so it also runs from the
+    cross-replica context of a distribution strategy; ``input_spec`` (a ``tf.TensorSpec`` with a None batch size)
+    avoids retracing. On JAX the model's jitted inference (``embedder.compiled_inference``).
     """
+    if keras.backend.backend() != "tensorflow":
+        infer = compiled_inference(basic_model)
+
+        def embed_any(images):
+            images = np.asarray(images)
+            embeddings = keras.ops.cast(infer(images), "float32")
+            return embeddings + keras.ops.cast(infer(images[:, :, ::-1]), "float32") if flip else embeddings
+
+        return embed_any
     signature = None if input_spec is None else [input_spec]
 
     @tf.function(input_signature=signature, reduce_retracing=True)

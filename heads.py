@@ -4,14 +4,16 @@
 A head maps embeddings to per-class cosines; the margin losses in ``losses`` turn those into logits. Code that
 needs the class centers themselves (dataset cleaning) reads them through ``class_centers()``, whatever the layout
 of the kernel.
+
+Computed with ``keras.ops``: runs on the TensorFlow and JAX backends. TensorFlow-only fast path: the sparse read of
+the sampled centers (``IndexedSlices`` gradient, see ``tensor_utils.gather_rows``) that the lazy optimizers apply.
 """
 
 import math
 
 import keras
-import tensorflow as tf
 
-from tensor_utils import checked_labels, float32, gather_rows, global_batch, l2_normalize, register
+from tensor_utils import checked_labels, float32, gather_rows, global_batch, l2_normalize, on_tensorflow, register
 
 
 @register
@@ -101,28 +103,49 @@ def partial_fc_num_sampled(num_classes, sample_rate, global_batch=None):
 def partial_fc_sample(labels, num_classes, sample_rate, step, seed=0):
     """Sample the Partial FC classes of one step: ``(sampled, remapped)``.
 
-    ``sampled`` (sorted int32 ``(S,)``) holds every class of the GLOBAL batch (labels are all-gathered over the
-    replicas) plus random negatives, ``S = partial_fc_num_sampled(...)``; ``remapped`` are this replica's labels
-    as indices into ``sampled``. The negatives come from stateless random numbers seeded by ``(seed, step)``, so
-    every replica picks the same subset in a step (mirrored centers stay identical) and a rerun picks it again.
+    ``sampled`` (sorted int32 ``(S,)``) holds every class of the GLOBAL batch (``global_batch``: all-gathered over
+    ``tf.distribute`` replicas, the whole SPMD batch on JAX) plus random negatives, ``S = partial_fc_num_sampled(...)``;
+    ``remapped`` are this replica's labels as indices into ``sampled``. The negatives come from stateless random
+    numbers that are a function of ``(seed, step)`` only, so every replica picks the same subset in a step (mirrored
+    centers stay identical) and a rerun picks it again.
     """
-    local = checked_labels(tf.reshape(tf.cast(labels, tf.int32), [-1]), num_classes)
+    local = checked_labels(keras.ops.reshape(keras.ops.cast(labels, "int32"), (-1,)), num_classes)
     global_labels = global_batch(local)
     num_sampled = partial_fc_num_sampled(num_classes, sample_rate, global_labels.shape[0])
     if num_sampled >= num_classes:
-        return tf.range(num_classes, dtype=tf.int32), local
-    seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
-    scores = tf.random.stateless_uniform([num_classes], seed=seeds)  # in [0, 1): positives (2.0) always win top_k
-    scores = tf.tensor_scatter_nd_update(scores, global_labels[:, None], tf.fill(tf.shape(global_labels), 2.0))
-    sampled = tf.sort(tf.math.top_k(scores, num_sampled, sorted=False).indices)
-    return sampled, tf.cast(tf.searchsorted(sampled, local), tf.int32)
+        return keras.ops.arange(num_classes, dtype="int32"), local
+    scores = _stateless_uniform(num_classes, seed, step)  # in [0, 1): positives (2.0) always win top_k
+    positives = keras.ops.full(keras.ops.shape(global_labels), 2.0)
+    scores = keras.ops.scatter_update(scores, keras.ops.expand_dims(global_labels, 1), positives)
+    sampled = keras.ops.sort(keras.ops.cast(keras.ops.top_k(scores, num_sampled, sorted=False)[1], "int32"))
+    return sampled, keras.ops.cast(keras.ops.searchsorted(sampled, local), "int32")
+
+
+def _stateless_uniform(size, seed, step):
+    """``(size,)`` float32 uniform numbers in [0, 1) determined by ``(seed, step)`` alone (no generator state).
+
+    TensorFlow: ``tf.random.stateless_uniform`` seeded with ``(seed, step)``. JAX: ``jax.random.uniform`` with the
+    key of ``seed`` folded with ``step``. The two backends draw different numbers for the same pair.
+    """
+    if on_tensorflow():
+        import tensorflow as tf
+
+        seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
+        return tf.random.stateless_uniform([size], seed=seeds)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        key = jax.random.fold_in(jax.random.key(seed), keras.ops.cast(step, "uint32"))
+        return jax.random.uniform(key, (size,), dtype="float32")
+    raise NotImplementedError(f"Partial FC sampling needs the TensorFlow or JAX backend, not {keras.backend.backend()}")
 
 
 def _sub_center_columns(sampled, loss_top_k):
     """Kernel columns of the sampled classes: the ``loss_top_k`` class-major sub-centers of each, in order."""
     if loss_top_k == 1:
         return sampled
-    return tf.reshape(sampled[:, None] * loss_top_k + tf.range(loss_top_k, dtype=sampled.dtype)[None], [-1])
+    offsets = keras.ops.arange(loss_top_k, dtype=sampled.dtype)
+    return keras.ops.reshape(keras.ops.expand_dims(sampled, 1) * loss_top_k + offsets[None], (-1,))
 
 
 def partial_fc_logits(layer, embeddings, labels, sample_rate, step, seed=0):
@@ -130,21 +153,22 @@ def partial_fc_logits(layer, embeddings, labels, sample_rate, step, seed=0):
 
     Returns ``(cosines (B, S[+1]), remapped labels (B,))``: feed them to any cosine loss (``ArcfaceLoss`` etc.)
     in place of the full head output and labels. Only the sampled centers enter the matmul, so logits and their
-    gradients cost ``O(B x S)``. With a ``PartialFCNormDense`` (class-major kernel) the kernel gradient is an
-    ``IndexedSlices`` over the sampled rows; with a plain ``NormDense`` (kernel ``(emb, classes)``) it is dense.
-    ``sample_rate = 1`` (or ``S >= classes``) is exactly the full head.
+    gradients cost ``O(B x S)``. With a ``PartialFCNormDense`` (class-major kernel) on TensorFlow the kernel gradient
+    is an ``IndexedSlices`` over the sampled rows (``gather_rows``); on JAX, and with a plain ``NormDense`` (kernel
+    ``(emb, classes)``), it is dense. ``sample_rate = 1`` (or ``S >= classes``) is exactly the full head.
     """
     sampled, remapped = partial_fc_sample(labels, layer.units, sample_rate, step, seed)
     if sampled.shape[0] == layer.units:
         return layer(embeddings), remapped
     inputs = float32(embeddings)
+    norm_inputs = l2_normalize(inputs, axis=1)
     columns = _sub_center_columns(sampled, layer.loss_top_k)
     if getattr(layer, "class_major", False):
         centers = l2_normalize(gather_rows(layer.kernel, columns), axis=1)
-        center_cosines = tf.matmul(l2_normalize(inputs, axis=1), centers, transpose_b=True)
+        center_cosines = keras.ops.matmul(norm_inputs, keras.ops.transpose(centers))
     else:
-        centers = l2_normalize(tf.gather(layer.kernel, columns, axis=1), axis=0)
-        center_cosines = tf.matmul(l2_normalize(inputs, axis=1), centers)
+        centers = l2_normalize(keras.ops.take(layer.kernel, columns, axis=1), axis=0)
+        center_cosines = keras.ops.matmul(norm_inputs, centers)
     return class_cosines(layer, inputs, center_cosines), remapped
 
 

@@ -11,6 +11,13 @@ any loss, including plain Keras ones (``"softmax"``).
 
 The heads (``NormDense``, ``PartialFCNormDense``) live in ``heads`` and the lazy optimizers in ``optimizers``; their
 names are re-exported here because scripts written for earlier versions import them from ``losses``.
+
+Everything computes with ``keras.ops`` and runs on the TensorFlow and JAX backends, with the same values. Stateful
+losses (``AdaCosLoss``, ``CurricularFaceLoss``, ``AdaFaceLoss``, ``CenterLoss``) keep their state in non-trainable
+``keras.Variable``s assigned inside ``call``; ``state_variables(loss)`` lists them, so a JAX training step can run
+the loss in a ``keras.StatelessScope`` and read the new values back (Keras' own ``model.fit`` on JAX discards them:
+the state keeps its initial value there). The TensorFlow-only mechanisms (``tf.distribute`` all-gathers, label range
+asserts, the sparse center update) live in ``tensor_utils``, each with its JAX counterpart.
 """
 
 import math
@@ -18,7 +25,6 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import utils
 from heads import (  # noqa: F401 (re-exported, see the module docstring)
@@ -30,7 +36,18 @@ from heads import (  # noqa: F401 (re-exported, see the module docstring)
     split_norm_column,
 )
 from optimizers import LazyAdam, LazySGD  # noqa: F401 (re-exported)
-from tensor_utils import PACKAGE, checked_labels, float32, global_batch, register, state_variable  # noqa: F401
+from tensor_utils import (  # noqa: F401 (PACKAGE re-exported)
+    PACKAGE,
+    checked_labels,
+    float32,
+    gather_rows,
+    global_batch,
+    l2_normalize,
+    on_tensorflow,
+    register,
+    state_variable,
+    subtract_rows,
+)
 
 ACOS_GRAD_EPS = 1e-6  # gradients of acos are taken at cos clipped to [-1 + eps, 1 - eps]: finite at exactly +/-1
 
@@ -38,6 +55,14 @@ ACOS_GRAD_EPS = 1e-6  # gradients of acos are taken at cos clipped to [-1 + eps,
 def get_head_type(loss):
     """The head a loss needs: its ``head_type`` attribute, ``"softmax"`` for losses that do not declare one."""
     return getattr(loss, "head_type", "softmax")
+
+
+def state_variables(loss):
+    """The ``keras.Variable``s holding a loss's state (centers, dynamic scale, EMA statistics), in attribute order;
+    empty for a stateless loss or a plain function. A training step that runs the loss statelessly (JAX: inside a
+    ``keras.StatelessScope``) maps these to their current values and stores the values the loss assigned."""
+    attributes = vars(loss).values() if hasattr(loss, "__dict__") else ()
+    return [value for value in attributes if isinstance(value, keras.Variable)]
 
 
 @register
@@ -70,6 +95,11 @@ def as_loss(loss):
 
 
 # ---------------------------------------------------------------------------------------------- label handling
+def _flat_labels(labels):
+    """Sparse labels of any shape ``(B,)`` / ``(B, 1)`` and dtype as int32 class indices ``(B,)``."""
+    return keras.ops.reshape(keras.ops.cast(labels, "int32"), (-1,))
+
+
 def _is_sparse(y_true):
     """Sparse labels have rank 1 or a last dimension of 1; everything else is treated as one-hot rows."""
     rank = len(y_true.shape)
@@ -82,15 +112,15 @@ def _labels_and_targets(y_true, num_classes):
     One-hot rows keep their values for the cross entropy (soft rows, e.g. from mixup, stay soft); the margin
     is applied to their argmax column.
     """
-    y_true = tf.convert_to_tensor(y_true)
+    y_true = keras.ops.convert_to_tensor(y_true)
     if _is_sparse(y_true):
-        return checked_labels(tf.reshape(tf.cast(y_true, tf.int32), [-1]), num_classes), None
+        return checked_labels(_flat_labels(y_true), num_classes), None
     if len(y_true.shape) != 2:
         raise ValueError(f"labels must be sparse (B,) / (B, 1) or one-hot (B, C), got shape {y_true.shape}")
     if num_classes is not None and y_true.shape[-1] is not None and y_true.shape[-1] != num_classes:
         raise ValueError(f"one-hot labels have {y_true.shape[-1]} columns but the logits have {num_classes} classes")
     targets = float32(y_true)
-    return tf.cast(tf.argmax(targets, axis=-1), tf.int32), targets
+    return keras.ops.cast(keras.ops.argmax(targets, axis=-1), "int32"), targets
 
 
 def _sparse_labels(y_true, num_classes=None):
@@ -99,22 +129,39 @@ def _sparse_labels(y_true, num_classes=None):
 
 
 def _gather_target(logits, labels):
-    """The logit of each sample's own class: ``logits[i, labels[i]]``."""
-    return tf.gather(logits, labels, axis=1, batch_dims=1)
+    """The logit of each sample's own class: ``logits[i, labels[i]]``. TensorFlow: one batched gather (labels are
+    range-checked there); other backends: ``take_along_axis``."""
+    if on_tensorflow():
+        import tensorflow as tf
+
+        return tf.gather(logits, labels, axis=1, batch_dims=1)
+    return keras.ops.take_along_axis(logits, keras.ops.expand_dims(labels, 1), axis=1)[:, 0]
+
+
+def _label_mask(labels, num_columns):
+    """``(B, num_columns)`` bool, true at each sample's own class column (computed on the device from sparse labels)."""
+    return keras.ops.expand_dims(labels, 1) == keras.ops.arange(num_columns, dtype=labels.dtype)[None]
 
 
 def _replace_target(logits, labels, values):
-    """``logits`` with ``logits[i, labels[i]]`` replaced by ``values[i]`` (gradient flows to both)."""
-    indices = tf.stack([tf.range(tf.shape(labels)[0]), labels], axis=1)
-    return tf.tensor_scatter_nd_update(logits, indices, values)
+    """``logits`` with ``logits[i, labels[i]]`` replaced by ``values[i]`` (gradient flows to both). TensorFlow: one
+    scatter of B values (a select over a label mask costs another pass over the B x classes logits, 1.7x the time of
+    ArcFace's loss and gradient at 20,000 classes); other backends: the select."""
+    if on_tensorflow():
+        import tensorflow as tf
+
+        indices = tf.stack([tf.range(tf.shape(labels)[0]), tf.cast(labels, tf.int32)], axis=1)
+        return tf.tensor_scatter_nd_update(logits, indices, tf.cast(values, logits.dtype))
+    mask = _label_mask(labels, keras.ops.shape(logits)[-1])
+    return keras.ops.where(mask, keras.ops.expand_dims(values, 1), logits)
 
 
 def _log_probs(y_pred, from_logits):
     """Log-probabilities from logits, or from (unnormalized) probabilities as Keras' cross entropy treats them."""
     if from_logits:
-        return tf.nn.log_softmax(y_pred, axis=-1)
-    probs = y_pred / tf.reduce_sum(y_pred, axis=-1, keepdims=True)
-    return tf.math.log(tf.clip_by_value(probs, keras.config.epsilon(), 1.0 - keras.config.epsilon()))
+        return keras.ops.log_softmax(y_pred, axis=-1)
+    probs = y_pred / keras.ops.sum(y_pred, axis=-1, keepdims=True)
+    return keras.ops.log(keras.ops.clip(probs, keras.config.epsilon(), 1.0 - keras.config.epsilon()))
 
 
 def _cross_entropy(labels, targets, y_pred, from_logits=True, label_smoothing=0.0):
@@ -126,24 +173,23 @@ def _cross_entropy(labels, targets, y_pred, from_logits=True, label_smoothing=0.
     if targets is None:
         loss = -_gather_target(log_probs, labels)
         if label_smoothing:
-            loss = (1.0 - label_smoothing) * loss - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * keras.ops.mean(log_probs, axis=-1)
         return loss
     if label_smoothing:
-        num_classes = tf.cast(tf.shape(y_pred)[-1], tf.float32)
+        num_classes = float32(keras.ops.shape(y_pred)[-1])
         targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return -tf.reduce_sum(targets * log_probs, axis=-1)
+    return -keras.ops.sum(targets * log_probs, axis=-1)
 
 
-# ---------------------------------------------------------------------------------------------- distribution
 # ---------------------------------------------------------------------------------------------- margins
 def _safe_acos(cos_t):
     """``acos(c)`` with the exact value on [-1, 1] and a finite gradient also at ``c = +/-1``.
 
     The gradient is that of ``acos(clip(c, -1 + eps, 1 - eps))`` (zero beyond the clip), the value is exact.
     """
-    exact = tf.acos(tf.clip_by_value(cos_t, -1.0, 1.0))
-    tight = tf.acos(tf.clip_by_value(cos_t, -1.0 + ACOS_GRAD_EPS, 1.0 - ACOS_GRAD_EPS))
-    return tight + tf.stop_gradient(exact - tight)
+    exact = keras.ops.arccos(keras.ops.clip(cos_t, -1.0, 1.0))
+    tight = keras.ops.arccos(keras.ops.clip(cos_t, -1.0 + ACOS_GRAD_EPS, 1.0 - ACOS_GRAD_EPS))
+    return tight + keras.ops.stop_gradient(exact - tight)
 
 
 def margin_target(cos_t, margin1=1.0, margin2=0.0, margin3=0.0, fallback="mirror", theta_clip=None):
@@ -160,17 +206,18 @@ def margin_target(cos_t, margin1=1.0, margin2=0.0, margin3=0.0, fallback="mirror
 
     ``margin2`` / ``margin3`` may be per-sample tensors (MagFace, AdaFace).
     """
+    cos_t = float32(cos_t)
     theta = margin1 * _safe_acos(cos_t) + margin2
     if theta_clip is not None:
-        theta = tf.clip_by_value(theta, theta_clip, math.pi - theta_clip)
-    target = tf.cos(theta) - margin3
+        theta = keras.ops.clip(theta, theta_clip, math.pi - theta_clip)
+    target = keras.ops.cos(theta) - margin3
     if fallback == "none":
         return target
-    threshold = tf.cos((math.pi - margin2) / margin1)
+    threshold = keras.ops.cos((math.pi - margin2) / margin1)
     if fallback == "mirror":
-        return tf.where(cos_t > threshold, target, (-1.0 - margin3) * 2.0 - target)
+        return keras.ops.where(cos_t > threshold, target, (-1.0 - margin3) * 2.0 - target)
     if fallback == "linear":
-        return tf.where(cos_t > threshold, target, cos_t - margin2 * tf.sin(math.pi - margin2))
+        return keras.ops.where(cos_t > threshold, target, cos_t - margin2 * keras.ops.sin(math.pi - margin2))
     raise ValueError(f"fallback must be 'mirror', 'linear' or 'none', got {fallback!r}")
 
 
@@ -338,13 +385,15 @@ class AdaCosLoss(_CosineLoss):
         fixed = self.fixed_scale(cosines.shape[-1])
         if not self.is_dynamic:
             return cosines * fixed
-        previous = tf.where(self.scale_variable > 0, self.scale_variable, fixed)
+        previous = keras.ops.convert_to_tensor(self.scale_variable)
+        previous = keras.ops.where(previous > 0, previous, fixed)  # 0: not set yet, start from the fixed scale
         target_cos = _gather_target(cosines, labels)
-        non_target_sum = tf.reduce_sum(tf.exp(previous * cosines), axis=-1) - tf.exp(previous * target_cos)
-        target_cos, non_target_sum = global_batch(tf.stop_gradient(target_cos), tf.stop_gradient(non_target_sum))
-        theta = tf.sort(tf.acos(tf.clip_by_value(target_cos, -1.0, 1.0)))
-        theta_med = theta[(tf.shape(theta)[0] - 1) // 2]
-        scale = tf.math.log(tf.reduce_mean(non_target_sum)) / tf.cos(tf.minimum(self.max_median, theta_med))
+        all_sum = keras.ops.sum(keras.ops.exp(previous * cosines), axis=-1)
+        non_target_sum = keras.ops.stop_gradient(all_sum - keras.ops.exp(previous * target_cos))
+        target_cos, non_target_sum = global_batch(keras.ops.stop_gradient(target_cos), non_target_sum)
+        theta = keras.ops.sort(keras.ops.arccos(keras.ops.clip(target_cos, -1.0, 1.0)))
+        theta_med = keras.ops.minimum(self.max_median, theta[(keras.ops.shape(theta)[0] - 1) // 2])
+        scale = keras.ops.log(keras.ops.mean(non_target_sum)) / keras.ops.cos(theta_med)
         self.scale_variable.assign(scale)
         return cosines * scale
 
@@ -370,11 +419,11 @@ class CurricularFaceLoss(ArcfaceLossSimple):
         target_cos = _gather_target(cosines, labels)
         target = margin_target(target_cos, 1.0, self.margin, 0.0, "linear")
         target_with_margin = margin_target(target_cos, 1.0, self.margin, 0.0, "none")
-        batch_mean = tf.reduce_mean(global_batch(tf.stop_gradient(target_cos)))
+        batch_mean = keras.ops.mean(global_batch(keras.ops.stop_gradient(target_cos)))
         hard_scale = self.momentum * batch_mean + (1.0 - self.momentum) * self.hard_scale
         self.hard_scale.assign(hard_scale)
-        hard = cosines > tf.expand_dims(target_with_margin, 1)
-        cosines = tf.where(hard, cosines * (hard_scale + cosines), cosines)
+        hard = cosines > keras.ops.expand_dims(target_with_margin, 1)
+        cosines = keras.ops.where(hard, cosines * (hard_scale + cosines), cosines)
         return _replace_target(cosines, labels, target) * self.scale
 
     def get_config(self):
@@ -411,7 +460,8 @@ class MagFaceLoss(_NormAwareLoss):
         self.regularizer_loss_lambda = float(regularizer_loss_lambda)
 
     def _clipped_norms(self, norms):
-        return tf.clip_by_value(norms, self.min_feature_norm, self.max_feature_norm)
+        """Feature norms clipped to ``[min_feature_norm, max_feature_norm]`` (``a`` of the paper)."""
+        return keras.ops.clip(norms, self.min_feature_norm, self.max_feature_norm)
 
     def margin_logits(self, cosines, labels, norms):
         slope = (self.max_margin - self.min_margin) / (self.max_feature_norm - self.min_feature_norm)
@@ -455,9 +505,9 @@ class AdaFaceLoss(_NormAwareLoss):
     def _update_norm_statistics(self, norms):
         """EMA update of the norm mean / unbiased std from the global batch; returns the new values."""
         norms = global_batch(norms)
-        count = tf.cast(tf.shape(norms)[0], tf.float32)
-        mean = tf.reduce_mean(norms)
-        std = tf.sqrt(tf.reduce_sum(tf.square(norms - mean)) / tf.maximum(count - 1.0, 1.0))
+        count = float32(keras.ops.shape(norms)[0])
+        mean = keras.ops.mean(norms)
+        std = keras.ops.sqrt(keras.ops.sum(keras.ops.square(norms - mean)) / keras.ops.maximum(count - 1.0, 1.0))
         alpha = self.mean_std_alpha
         new_mean = alpha * mean + (1.0 - alpha) * self.batch_mean
         new_std = alpha * std + (1.0 - alpha) * self.batch_std
@@ -466,9 +516,9 @@ class AdaFaceLoss(_NormAwareLoss):
         return new_mean, new_std
 
     def margin_logits(self, cosines, labels, norms):
-        norms = tf.stop_gradient(tf.clip_by_value(norms, 1e-3, 100.0))
+        norms = keras.ops.stop_gradient(keras.ops.clip(norms, 1e-3, 100.0))
         mean, std = self._update_norm_statistics(norms)
-        scaler = tf.clip_by_value(self.margin_alpha * (norms - mean) / (std + 1e-3), -1.0, 1.0)
+        scaler = keras.ops.clip(self.margin_alpha * (norms - mean) / (std + 1e-3), -1.0, 1.0)
         margin = self.margin * scaler
         target_cos = _gather_target(cosines, labels)
         target = margin_target(target_cos, 1.0, -margin, self.margin + margin, "none", theta_clip=1e-3)
@@ -531,7 +581,8 @@ class CenterLoss(keras.losses.Loss):
     batch (no gradient through the update). Under ``tf.distribute`` the update is computed from the global batch
     (labels and embeddings all-gathered), so every replica applies the same one. Create the loss inside the
     strategy scope. ``initial_file``: a ``.npy`` of centers to start from (e.g. ``<stem>_centers.npy``), used
-    when it exists.
+    when it exists. The update is sparse on TensorFlow (only the batch's rows) and dense on JAX, where a training
+    step runs the loss in a ``keras.StatelessScope`` and reads the new centers with ``scope.get_current_value``.
     """
 
     head_type = "center"
@@ -561,18 +612,19 @@ class CenterLoss(keras.losses.Loss):
         self.centers.assign(self._read_centers(path))
 
     def call(self, y_true, y_pred):
+        """Per-sample loss with the centers before this batch's update; the update follows (program order orders the
+        read before the write in a ``tf.function`` and in a ``keras.StatelessScope``)."""
         embeddings = float32(y_pred)
         labels = _sparse_labels(y_true, self.num_classes)
-        loss = tf.reduce_sum(tf.square(embeddings - tf.gather(self.centers, labels)), axis=-1) / 2.0
-        update = self._centers_update(*global_batch(labels, tf.stop_gradient(embeddings)))
-        with tf.control_dependencies([update]):
-            return tf.identity(loss)
+        loss = keras.ops.sum(keras.ops.square(embeddings - gather_rows(self.centers, labels)), axis=-1) / 2.0
+        self._update_centers(*global_batch(labels, keras.ops.stop_gradient(embeddings)))
+        return loss
 
-    def _centers_update(self, labels, embeddings):
+    def _update_centers(self, labels, embeddings):
         """Apply ``c_y -= alpha * (c_y - e) / (1 + n_y)`` for every sample of the (global) batch."""
-        appear_times = tf.reduce_sum(tf.cast(_same_label_mask(labels), tf.float32), axis=1)  # XLA-friendly count
-        diff = self.alpha * (tf.gather(self.centers, labels) - embeddings) / tf.expand_dims(1.0 + appear_times, 1)
-        return self.centers.scatter_sub(tf.IndexedSlices(diff, labels))
+        appear_times = _count(_same_label_mask(labels), axis=1)  # a static-shape (XLA) count of each sample's class
+        moves = self.alpha * (gather_rows(self.centers, labels) - embeddings)
+        subtract_rows(self.centers, labels, moves / keras.ops.expand_dims(1.0 + appear_times, 1))
 
     def save_centers(self, path):
         """Write the centers to ``path`` (``.npy``) atomically."""
@@ -595,7 +647,12 @@ class CenterLoss(keras.losses.Loss):
 # ---------------------------------------------------------------------------------------------- triplet losses
 def _same_label_mask(labels):
     """``(B, B)`` bool, true where two samples share a label (the diagonal included)."""
-    return tf.equal(tf.expand_dims(labels, 0), tf.expand_dims(labels, 1))
+    return keras.ops.expand_dims(labels, 0) == keras.ops.expand_dims(labels, 1)
+
+
+def _count(mask, axis=None):
+    """Number of true entries of a bool mask along ``axis``, as float32."""
+    return keras.ops.sum(float32(mask), axis=axis)
 
 
 def batch_hard_from_distances(labels, dists, alpha=0.35):
@@ -604,50 +661,51 @@ def batch_hard_from_distances(labels, dists, alpha=0.35):
     With cosine distances ``d = 1 - s`` this is Keras_insightface's ``max_neg s - min_pos s + alpha``; a missing positive
     or negative counts as the bound of the range (as its fill values 1 / -1 for similarities).
     """
-    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), float32(dists)
+    labels, dists = _flat_labels(labels), float32(dists)
     positive = _same_label_mask(labels)
-    hardest_pos = tf.reduce_max(tf.where(positive, dists, 0.0), axis=-1)
-    hardest_neg = tf.reduce_min(tf.where(positive, 2.0, dists), axis=-1)
-    return tf.maximum(hardest_pos - hardest_neg + alpha, 0.0)
+    hardest_pos = keras.ops.max(keras.ops.where(positive, dists, 0.0), axis=-1)
+    hardest_neg = keras.ops.min(keras.ops.where(positive, 2.0, dists), axis=-1)
+    return keras.ops.maximum(hardest_pos - hardest_neg + alpha, 0.0)
 
 
 def batch_all_from_distances(labels, dists, alpha=0.35):
     """Per-anchor batch-all loss of Keras_insightface, from cosine distances ``d = 1 - s``:
     ``mean_pos d + sum_{valid neg} s / (n_valid + 1)``, valid negatives having ``d - max_pos d < alpha``."""
-    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), float32(dists)
+    labels, dists = _flat_labels(labels), float32(dists)
     positive = _same_label_mask(labels)
-    pos_dists = tf.where(positive, dists, 0.0)
-    pos_loss = tf.reduce_sum(pos_dists, axis=-1) / tf.reduce_sum(tf.cast(positive, tf.float32), axis=-1)
-    hardest_pos = tf.reduce_max(pos_dists, axis=-1, keepdims=True)
-    valid_neg = tf.logical_and(tf.logical_not(positive), dists - hardest_pos < alpha)
-    neg_sum = tf.reduce_sum(tf.where(valid_neg, 1.0 - dists, 0.0), axis=-1)
-    return pos_loss + neg_sum / (tf.reduce_sum(tf.cast(valid_neg, tf.float32), axis=-1) + 1.0)
+    pos_dists = keras.ops.where(positive, dists, 0.0)
+    pos_loss = keras.ops.sum(pos_dists, axis=-1) / _count(positive, axis=-1)
+    hardest_pos = keras.ops.max(pos_dists, axis=-1, keepdims=True)
+    valid_neg = keras.ops.logical_and(keras.ops.logical_not(positive), dists - hardest_pos < alpha)
+    neg_sum = keras.ops.sum(keras.ops.where(valid_neg, 1.0 - dists, 0.0), axis=-1)
+    return pos_loss + neg_sum / (_count(valid_neg, axis=-1) + 1.0)
 
 
 def batch_all_hermans_from_distances(labels, dists, alpha=0.35):
     """Batch-all of Hermans et al. 2017: mean of ``max(d_ap - d_an + alpha, 0)`` over the triplets where it is
     positive; returned per anchor (anchor sum scaled so that the batch mean is that value). Memory O(B^3)."""
-    labels, dists = tf.reshape(tf.cast(labels, tf.int32), [-1]), float32(dists)
+    labels, dists = _flat_labels(labels), float32(dists)
     positive = _same_label_mask(labels)
-    not_self = tf.logical_not(tf.eye(tf.shape(labels)[0], dtype=tf.bool))
-    pos_pairs = tf.logical_and(positive, not_self)
-    valid = tf.logical_and(tf.expand_dims(pos_pairs, 2), tf.expand_dims(tf.logical_not(positive), 1))
-    triplets = tf.maximum(tf.expand_dims(dists, 2) - tf.expand_dims(dists, 1) + alpha, 0.0)
-    triplets = tf.where(valid, triplets, 0.0)
-    num_positive = tf.reduce_sum(tf.cast(triplets > 0, tf.float32))
-    batch_size = tf.cast(tf.shape(labels)[0], tf.float32)
-    return tf.reduce_sum(triplets, axis=[1, 2]) * batch_size / tf.maximum(num_positive, 1.0)
+    indices = keras.ops.arange(keras.ops.shape(labels)[0])
+    pos_pairs = keras.ops.logical_and(positive, keras.ops.expand_dims(indices, 0) != keras.ops.expand_dims(indices, 1))
+    valid = keras.ops.logical_and(
+        keras.ops.expand_dims(pos_pairs, 2), keras.ops.expand_dims(keras.ops.logical_not(positive), 1)
+    )
+    triplets = keras.ops.maximum(keras.ops.expand_dims(dists, 2) - keras.ops.expand_dims(dists, 1) + alpha, 0.0)
+    triplets = keras.ops.where(valid, triplets, 0.0)
+    batch_size = float32(keras.ops.shape(labels)[0])
+    return keras.ops.sum(triplets, axis=(1, 2)) * batch_size / keras.ops.maximum(_count(triplets > 0), 1.0)
 
 
 def cosine_distances(embeddings):
     """``1 - cos`` between all rows of L2-normalized ``embeddings``, in [0, 2]."""
-    return 1.0 - tf.matmul(embeddings, embeddings, transpose_b=True)
+    return 1.0 - keras.ops.matmul(embeddings, keras.ops.transpose(embeddings))
 
 
 def euclidean_distances(embeddings):
     """Euclidean distances between all rows of L2-normalized ``embeddings``, in [0, 2] (finite gradient at 0)."""
-    squared = 2.0 - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True)
-    return tf.sqrt(tf.maximum(squared, 1e-12))
+    squared = 2.0 - 2.0 * keras.ops.matmul(embeddings, keras.ops.transpose(embeddings))
+    return keras.ops.sqrt(keras.ops.maximum(squared, 1e-12))
 
 
 class _TripletLoss(keras.losses.Loss):
@@ -662,10 +720,10 @@ class _TripletLoss(keras.losses.Loss):
         self.alpha = float(alpha)
 
     def call(self, y_true, y_pred):
-        """Under ``tf.distribute`` triplets are mined over the global batch (all-gathered, gradients flow back),
-        so the loss equals the one-device loss of the same global batch."""
+        """Triplets are mined over the global batch, so the loss equals the one-device loss of the same global batch:
+        under ``tf.distribute`` it is all-gathered (gradients flow back); a JAX SPMD step sees it whole already."""
         labels, embeddings = global_batch(_sparse_labels(y_true), float32(y_pred))
-        embeddings = tf.math.l2_normalize(embeddings, axis=-1, epsilon=1e-10)
+        embeddings = l2_normalize(embeddings, axis=-1)
         return self.loss_fn(labels, self.distance_fn(embeddings), self.alpha)
 
     def get_config(self):
@@ -710,33 +768,33 @@ class OfflineTripletLoss(_TripletLoss):
     per triplet ``max(s_an - s_ap + alpha, 0)`` on cosine similarity; labels are ignored."""
 
     def call(self, y_true, y_pred):
-        embeddings = tf.math.l2_normalize(float32(y_pred), axis=-1, epsilon=1e-10)
+        embeddings = l2_normalize(float32(y_pred), axis=-1)
         batch = embeddings.shape[0]
         if batch is not None and batch % 3:
             raise ValueError(
                 f"OfflineTripletLoss needs a batch of 3 equal thirds (anchor, positive, negative), got {batch}"
             )
-        anchor, positive, negative = tf.split(embeddings, 3, axis=0)
-        pos_sim = tf.reduce_sum(anchor * positive, axis=-1)
-        neg_sim = tf.reduce_sum(anchor * negative, axis=-1)
-        return tf.maximum(neg_sim - pos_sim + self.alpha, 0.0)
+        anchor, positive, negative = keras.ops.split(embeddings, 3, axis=0)
+        pos_sim = keras.ops.sum(anchor * positive, axis=-1)
+        neg_sim = keras.ops.sum(anchor * negative, axis=-1)
+        return keras.ops.maximum(neg_sim - pos_sim + self.alpha, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- distillation
 @register
 def distiller_loss_cosine(true_emb, pred_emb):
     """Embedding distillation ``1 - cos(teacher, student)`` per sample."""
-    true_emb = tf.math.l2_normalize(float32(true_emb), axis=-1, epsilon=1e-10)
-    pred_emb = tf.math.l2_normalize(float32(pred_emb), axis=-1, epsilon=1e-10)
-    return 1.0 - tf.reduce_sum(true_emb * pred_emb, axis=-1)
+    true_emb = l2_normalize(float32(true_emb), axis=-1)
+    pred_emb = l2_normalize(float32(pred_emb), axis=-1)
+    return 1.0 - keras.ops.sum(true_emb * pred_emb, axis=-1)
 
 
 @register
 def distiller_loss_euclidean(true_emb, pred_emb):
     """Embedding distillation ``sum((l2n(teacher) - l2n(student))^2)`` per sample (Keras_insightface's distillation loss)."""
-    true_emb = tf.math.l2_normalize(float32(true_emb), axis=-1, epsilon=1e-10)
-    pred_emb = tf.math.l2_normalize(float32(pred_emb), axis=-1, epsilon=1e-10)
-    return tf.reduce_sum(tf.square(true_emb - pred_emb), axis=-1)
+    true_emb = l2_normalize(float32(true_emb), axis=-1)
+    pred_emb = l2_normalize(float32(pred_emb), axis=-1)
+    return keras.ops.sum(keras.ops.square(true_emb - pred_emb), axis=-1)
 
 
 distiller_loss_cosine.head_type = "distill"
@@ -757,9 +815,9 @@ class DistillKLDivergenceLoss(keras.losses.Loss):
         self.temperature = float(temperature)
 
     def call(self, y_true, y_pred):
-        teacher_log = tf.nn.log_softmax(float32(y_true) / self.temperature, axis=-1)
-        student_log = tf.nn.log_softmax(float32(y_pred) / self.temperature, axis=-1)
-        return tf.reduce_sum(tf.exp(teacher_log) * (teacher_log - student_log), axis=-1)
+        teacher_log = keras.ops.log_softmax(float32(y_true) / self.temperature, axis=-1)
+        student_log = keras.ops.log_softmax(float32(y_pred) / self.temperature, axis=-1)
+        return keras.ops.sum(keras.ops.exp(teacher_log) * (teacher_log - student_log), axis=-1)
 
     def get_config(self):
         config = super().get_config()

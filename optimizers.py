@@ -1,18 +1,31 @@
 """Lazy optimizers for Partial FC heads: ``LazySGD`` / ``LazyAdam`` update only the rows of an ``IndexedSlices``
 gradient and their slots (Keras' own momentum SGD and Adam touch every row: ``O(classes)`` work per step).
 
-TensorFlow-only: ``IndexedSlices`` gradients are how TensorFlow represents a sparse row update.
+The lazy path is TensorFlow-only: ``IndexedSlices`` gradients are how TensorFlow represents a sparse row update (a
+``PartialFCNormDense`` kernel read through ``tensor_utils.gather_rows``). On other backends gradients are dense and
+both optimizers are exactly Keras' ``SGD`` / ``Adam``; TensorFlow is imported only where an ``IndexedSlices`` is
+handled, so this module imports on a machine without TensorFlow.
 """
 
 import keras
-import tensorflow as tf
 
-from tensor_utils import gather_rows, register
+from tensor_utils import gather_rows, on_tensorflow, register
+
+
+def _is_indexed_slices(gradient):
+    """True for a TensorFlow ``IndexedSlices`` gradient (only the TensorFlow backend produces them)."""
+    if not on_tensorflow():
+        return False
+    import tensorflow as tf
+
+    return isinstance(gradient, tf.IndexedSlices)
 
 
 def _unique_rows(gradient, dtype):
     """``(row indices, summed row gradients)`` of an ``IndexedSlices`` with every index once: an all-reduce over
     replicas concatenates the rows of each replica, and a scatter with repeated indices would keep only one."""
+    import tensorflow as tf
+
     indices, positions = tf.unique(gradient.indices)
     values = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), positions, tf.shape(indices)[0])
     return indices, values
@@ -25,8 +38,10 @@ class LazySGD(keras.optimizers.SGD):
     moves every row by it, i.e. ``O(classes)`` work per step. Dense gradients get Keras' update unchanged."""
 
     def update_step(self, gradient, variable, learning_rate):
-        if not isinstance(gradient, tf.IndexedSlices):
+        if not _is_indexed_slices(gradient):
             return super().update_step(gradient, variable, learning_rate)
+        import tensorflow as tf
+
         lr = tf.cast(learning_rate, variable.dtype)
         indices, grad = _unique_rows(gradient, variable.dtype)
         if self.momentum == 0:
@@ -46,8 +61,10 @@ class LazyAdam(keras.optimizers.Adam):
     Dense gradients, and ``amsgrad=True``, get Keras' update unchanged."""
 
     def update_step(self, gradient, variable, learning_rate):
-        if not isinstance(gradient, tf.IndexedSlices) or self.amsgrad:
+        if not _is_indexed_slices(gradient) or self.amsgrad:
             return super().update_step(gradient, variable, learning_rate)
+        import tensorflow as tf
+
         dtype = variable.dtype
         indices, grad = _unique_rows(gradient, dtype)
         local_step = tf.cast(self.iterations + 1, dtype)

@@ -31,11 +31,21 @@ def _cluster_role(strategy):
     return resolver.task_type, resolver.task_id or 0, resolver.cluster_spec().as_dict()
 
 
+def worker_index(strategy):
+    """This process's index among the training processes: the tf.distribute task id, or on JAX the process index
+    (several hosts after ``keras.distribution.initialize()``)."""
+    if strategy is None and keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_index()
+    return _cluster_role(strategy)[1]
+
+
 def is_chief(strategy):
-    """True unless this process is a non-chief worker of a multi-worker strategy (worker 0 is the chief)."""
+    """True unless this process is a non-chief worker (worker 0, or process 0 on JAX, is the chief)."""
     task_type, task_id, cluster = _cluster_role(strategy)
     if task_type is None:
-        return True
+        return worker_index(strategy) == 0
     return task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
 
 
@@ -46,7 +56,7 @@ class RunFiles:
         save_path = resolve_save_path(save_path)
         self.is_chief = is_chief(strategy)
         if not self.is_chief:
-            worker = f"worker_{_cluster_role(strategy)[1]}"
+            worker = f"worker_{worker_index(strategy)}"
             save_path = os.path.join(os.path.dirname(save_path), worker, os.path.basename(save_path))
         self.save_path = save_path
         self.save_dir = os.path.dirname(save_path)

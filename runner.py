@@ -8,13 +8,13 @@ events and logs as ``model.fit``. TensorFlow-only: this is the seam where a runn
 """
 
 import contextlib
-import time
 
 import keras
 import tensorflow as tf
 
 import data
 import fast_kernels
+from loop import EpochLoop
 
 
 def num_workers(strategy):
@@ -24,32 +24,6 @@ def num_workers(strategy):
         return 1
     cluster = resolver.cluster_spec().as_dict()
     return max(1, sum(len(cluster.get(job, ())) for job in ("chief", "worker")))
-
-
-def _replica_mean(fn, y_true, prediction, replicas, sample_weight=None):
-    """This replica's mean loss divided by the replica count, so the sum over replicas is the global mean.
-
-    Keras ``Loss`` objects are called through ``.call`` (per-sample values) and reduced here, the same way for every
-    loss, instead of relying on each loss's own reduction and distribution scaling.
-    """
-    value = fn.call(y_true, prediction) if isinstance(fn, keras.losses.Loss) else fn(y_true, prediction)
-    if sample_weight is not None:
-        value = value * sample_weight
-    return tf.reduce_mean(value) / replicas
-
-
-def output_loss(spec, targets, prediction, classes, replicas):
-    """The loss of one output on this replica: one-hot labels built on the device for Keras' categorical losses,
-    and with mixup the weighted sum of the losses on both labels of each image."""
-
-    def labels(key):
-        return tf.one_hot(targets[key], classes) if spec.needs_one_hot else targets[key]
-
-    if spec.target != data.LABEL_KEY or data.MIXUP_WEIGHT_KEY not in targets:
-        return _replica_mean(spec.fn, labels(spec.target), prediction, replicas)
-    weight = targets[data.MIXUP_WEIGHT_KEY]
-    own = _replica_mean(spec.fn, labels(data.LABEL_KEY), prediction, replicas, weight)
-    return own + _replica_mean(spec.fn, labels(data.MIXUP_LABEL_KEY), prediction, replicas, 1 - weight)
 
 
 def _add(first, second):
@@ -65,7 +39,7 @@ def _add(first, second):
     return first if second is None else tf.convert_to_tensor(first) + tf.convert_to_tensor(second)
 
 
-class StepRunner:
+class StepRunner(EpochLoop):
     """Runs the steps and epochs of training stages; see the module docstring.
 
     ``steps_per_execution`` steps run per ``tf.function`` call (fewer Python round trips); ``jit_compile`` compiles
@@ -79,6 +53,10 @@ class StepRunner:
         self.steps_per_execution, self.jit_compile = max(1, int(steps_per_execution)), jit_compile
         self.verbose, self.accumulation, self.clip_norm = verbose, max(1, int(accumulation)), clip_norm
         self.kernels = fast_kernels.training_kernels if fast else contextlib.nullcontext
+
+    def scope(self):
+        """Where models and optimizers are created: the strategy's scope (their variables are mirrored)."""
+        return self.strategy.scope()
 
     # ------------------------------------------------------------------------------------------ input
     def distribute(self, dataset, global_batch_size, make_worker_dataset=None):
@@ -113,10 +91,7 @@ class StepRunner:
         model, specs, shares = stage.model, stage.specs, self.replicas * self.accumulation
         with tf.GradientTape() as tape:
             outputs, targets = self._forward(stage, images, targets)
-            logs = {
-                name + "_loss": output_loss(spec, targets, outputs[name], classes, shares)
-                for name, spec in specs.items()
-            }
+            logs = {name + "_loss": spec.value(targets, outputs[name], classes, shares) for name, spec in specs.items()}
             total = tf.add_n([specs[name].weight * logs[name + "_loss"] for name in specs])
             regular = tf.add_n([tf.cast(ll, tf.float32) for ll in model.losses]) / shares if model.losses else 0.0
             logs["loss"], logs["regular_loss"] = total + regular, tf.convert_to_tensor(regular, tf.float32)
@@ -193,38 +168,3 @@ class StepRunner:
             return {key: value / tf.cast(num_steps, tf.float32) for key, value in sums.items()}
 
         return run_steps
-
-    # ------------------------------------------------------------------------------------------ the loop
-    def _epoch(self, model, run_steps, iterator, callbacks, steps_per_epoch):
-        """One epoch of steps with batch callbacks; returns ``(epoch logs, steps run)``."""
-        progbar = keras.utils.Progbar(steps_per_epoch, verbose=self.verbose)
-        totals, step = {}, 0
-        while step < steps_per_epoch and not model.stop_training:
-            num = min(self.steps_per_execution, steps_per_epoch - step)
-            callbacks.on_train_batch_begin(step)
-            logs = {key: float(value) for key, value in run_steps(iterator, num).items()}
-            step += num
-            for key, value in logs.items():
-                totals[key] = totals.get(key, 0.0) + value * num
-            callbacks.on_train_batch_end(step - 1, logs)
-            progbar.update(step, [(key, logs[key]) for key in ("loss", "accuracy") if key in logs])
-        return {key: value / max(step, 1) for key, value in totals.items()}, step
-
-    def fit(self, model, run_steps, iterator, callbacks, epochs, steps_per_epoch, global_batch_size):
-        """Run the epochs ``range(*epochs)`` with the Keras callback events of ``model.fit``; stops early when a
-        callback sets ``model.stop_training``."""
-        model.stop_training = False
-        callbacks.on_train_begin()
-        for epoch in range(*epochs):
-            callbacks.on_epoch_begin(epoch)
-            if self.verbose:
-                print(f"Epoch {epoch + 1}/{epochs[1]}")
-            start = time.time()
-            epoch_logs, steps_run = self._epoch(model, run_steps, iterator, callbacks, steps_per_epoch)
-            epoch_logs["lr"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-            if self.verbose:
-                print(f"     {steps_run * global_batch_size / (time.time() - start):.1f} images/s")
-            callbacks.on_epoch_end(epoch, epoch_logs)
-            if model.stop_training:
-                break
-        callbacks.on_train_end()

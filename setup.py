@@ -28,7 +28,7 @@ setup(
         "tensorboard",  # keras.callbacks.TensorBoard needs it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime", "jax[cpu]"],
         "onnx": ["onnxruntime", "tf2onnx"],
         "cv": ["opencv-python-headless"],
         "bench": ["tf-keras"],  # bench/keras2_reference.py: legacy Keras 2, the library users run today

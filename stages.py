@@ -35,6 +35,29 @@ class LossSpec:
     def needs_one_hot(self):
         return isinstance(self.fn, ONE_HOT_LOSSES)
 
+    def value(self, targets, prediction, classes, shares=1):
+        """This output's loss on a batch, divided by ``shares`` (replicas x accumulated batches: the sum of the shares
+        is the mean over the global batch). One-hot labels are built on the device for Keras' categorical losses;
+        with mixup the loss is the weighted sum of the losses on both labels of each image."""
+
+        def labels(key):
+            return keras.ops.one_hot(targets[key], classes) if self.needs_one_hot else targets[key]
+
+        if self.target != data.LABEL_KEY or data.MIXUP_WEIGHT_KEY not in targets:
+            return self._mean(labels(self.target), prediction, shares)
+        weight = targets[data.MIXUP_WEIGHT_KEY]
+        own = self._mean(labels(data.LABEL_KEY), prediction, shares, weight)
+        return own + self._mean(labels(data.MIXUP_LABEL_KEY), prediction, shares, 1 - weight)
+
+    def _mean(self, y_true, prediction, shares, sample_weight=None):
+        """Keras ``Loss`` objects are called through ``.call`` (per-sample values) and reduced here, the same way for
+        every loss, instead of relying on each loss's own reduction and distribution scaling."""
+        fn = self.fn
+        value = fn.call(y_true, prediction) if isinstance(fn, keras.losses.Loss) else fn(y_true, prediction)
+        if sample_weight is not None:
+            value = value * sample_weight
+        return keras.ops.mean(value) / shares
+
 
 @dataclasses.dataclass
 class Stage:

@@ -31,6 +31,20 @@ from utils import run_main
 EMBEDDING_LAYER = "embedding"
 
 
+def make_runner(config):
+    """The step runner of the Keras backend: ``runner_jax.JaxStepRunner`` on JAX, else ``runner.StepRunner`` under the
+    current ``tf.distribute`` strategy (one device, Mirrored or MultiWorkerMirrored)."""
+    options = dict(accumulation=config.gradient_accumulation_steps, clip_norm=config.gradient_clip_norm)
+    if keras.backend.backend() == "jax":
+        import runner_jax
+
+        return runner_jax.JaxStepRunner(config.steps_per_execution, config.verbose, **options)
+    strategy = tf.distribute.get_strategy()
+    return runner.StepRunner(
+        strategy, config.steps_per_execution, config.jit_compile, config.verbose, fast=config.fast_kernels, **options
+    )
+
+
 class Train:
     """Multi-stage face-recognition trainer; see the README for every option and scheduler key.
 
@@ -53,20 +67,12 @@ class Train:
         **options,
     ):
         self.config = config = TrainConfig.from_options(options)
-        self.strategy = tf.distribute.get_strategy()
+        self.runner = make_runner(config)
+        self.strategy = getattr(self.runner, "strategy", None)  # tf.distribute's, on TensorFlow
         self.files = RunFiles(save_path, self.strategy)
         self.save_path, self.hist_path, self.is_chief = self.files.save_path, self.files.hist_path, self.files.is_chief
         self.eval_paths, self.custom_callbacks = list(eval_paths or []), list(callbacks or [])
-        self.global_batch_size = config.batch_size * self.strategy.num_replicas_in_sync
-        self.runner = runner.StepRunner(
-            self.strategy,
-            config.steps_per_execution,
-            config.jit_compile,
-            config.verbose,
-            accumulation=config.gradient_accumulation_steps,
-            clip_norm=config.gradient_clip_norm,
-            fast=config.fast_kernels,
-        )
+        self.global_batch_size = config.batch_size * self.runner.replicas
         self.history = myCallbacks.MyHistory(self.files.hist_path)
         self._resume_pending = config.resume and self.files.can_resume(self.history)
         self._first_train, self.stop_reason, self.model, self.optimizer = True, None, None, None
@@ -74,7 +80,7 @@ class Train:
         if self._resume_pending:
             print(f">>>> Resuming from checkpoint {self.save_path} (pass resume=False to start over)")
             basic_model, model = EMBEDDING_LAYER, self.save_path
-        with self.strategy.scope():
+        with self.runner.scope():
             self._init_models(basic_model, model, compile, pretrained, custom_objects)
         self.evaluators = self._make_evaluators()  # reads and checks every eval bin before any training
         self.reset_dataset(data_path)
@@ -176,7 +182,7 @@ class Train:
     def train_single_scheduler(self, loss, epoch, initial_epoch=0, **stage_options):
         """Train one stage: ``epoch`` epochs from ``initial_epoch`` with ``loss`` and the other scheduler keys."""
         stages.check_stage_keys(dict(stage_options, loss=loss, epoch=epoch))
-        with self.strategy.scope():
+        with self.runner.scope():
             stage = self.builder.build(loss, **stage_options)
         self.model, self.optimizer = stage.model, stage.optimizer
         train_ds = self._dataset(stage.image_per_class)

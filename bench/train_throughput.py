@@ -7,6 +7,10 @@ settings (batch 64, SGD momentum 0.9, ArcFace s=64, random flip, float32). Each 
 alternated ``--repeats`` times; images/s is the median of the steady-state batch-to-batch times of a run, and the
 ratio compares the medians over the runs. ``--data`` defaults to 2,000 generated 112x112 demo faces (100 classes).
 
+``--backend jax``: images/s of the JAX step runner (ArcFace head, SGD momentum) on one synthetic in-memory batch;
+needs only JAX, Keras and this repository, not TensorFlow (a GPU machine without TensorFlow runs it).
+``--vs-backends``: TensorFlow (``Train``) and JAX alternated on the same synthetic batches, each run a fresh process.
+
 Default mode: ``Train``'s loop with a softmax and with an ArcFace head against a plain Keras 3 ``model.fit`` on
 synthetic in-memory batches (the input pipeline is not measured).
 
@@ -17,6 +21,8 @@ variant runs in its own subprocess so that its peak RSS is its own.
 Usage::
 
     OMP_NUM_THREADS=2 python bench/train_throughput.py --vs-keras2 --network mobilefacenet --repeats 3
+    OMP_NUM_THREADS=2 python bench/train_throughput.py --vs-backends --network mobilefacenet --classes 100
+    python bench/train_throughput.py --backend jax --network r50 --batch 256 --precision mixed_bfloat16
     OMP_NUM_THREADS=2 python bench/train_throughput.py --backbone mobilefacenet --batch 64 --classes 10000
     python bench/train_throughput.py --partial_fc 0.1 --classes 1000000 --backbone tiny --batch 64
 """
@@ -31,16 +37,15 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "--backend" in sys.argv:  # before Keras is imported: the backend is chosen once per process
+    os.environ["KERAS_BACKEND"] = sys.argv[sys.argv.index("--backend") + 1]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
-import train  # noqa: E402
 
 
 def build_backbone(name, image_size, emb_shape, output_layer="GDC"):
@@ -79,6 +84,8 @@ def steady_rate(times, batch, warmup):
 
 def train_rate(args, loss, dataset, workdir, warmup=3):
     """``(images/s, first-step seconds)`` of ``Train``'s loop with ``loss`` (its head is built by ``Train``)."""
+    import train
+
     timer = BatchTimes()
     tt = train.Train(
         dataset,
@@ -100,6 +107,8 @@ def train_rate(args, loss, dataset, workdir, warmup=3):
 
 def fit_rate(args, images, labels, warmup=3):
     """Images/s of plain ``keras.Model.fit`` with a ``Dense`` softmax head."""
+    import tensorflow as tf
+
     backbone = build_backbone(args.backbone, args.image_size, args.emb_shape, args.output_layer)
     logits = keras.layers.Dense(args.classes, dtype="float32", name="softmax")(backbone.output)
     model = keras.Model(backbone.inputs, logits)
@@ -115,6 +124,10 @@ def fit_rate(args, images, labels, warmup=3):
 
 
 def compare_train_and_fit(args):
+    import tensorflow as tf
+
+    import data
+
     images, labels = synthetic_batches(args.batch, args.image_size, args.classes)
     ds = tf.data.Dataset.from_tensors((images, {"label": labels})).repeat()
     dataset = data.TrainDataset(ds, steps_per_epoch=args.steps + 3, classes=args.classes, num_images=args.batch)
@@ -138,6 +151,8 @@ NETWORK_HEADS = {"mobilefacenet": ("GDC", 256), "r50": ("E", 512)}  # the issue'
 
 def ours_child(args):
     """``Train`` on the JPEG folder: ArcFace s=64, SGD momentum 0.9, random flip (one process per run)."""
+    import data
+
     with tempfile.TemporaryDirectory() as workdir:
         dataset = data.prepare_dataset(
             args.data, batch_size=args.batch, img_shape=(args.image_size,) * 2, random_status=0, cache_dir=workdir
@@ -186,9 +201,67 @@ def compare_with_keras2(args, argv):
     }
 
 
+# ---------------------------------------------------------------------------------------------- backends
+def jax_rate(args, images, labels, warmup=3):
+    """``(images/s, first-step seconds)`` of ``runner_jax.JaxStepRunner`` on one in-memory batch, ArcFace head
+    (needs only JAX and Keras: no TensorFlow, no ``tf.data``)."""
+    import runner_jax
+    import stages
+
+    basic_model = build_backbone(args.backbone, args.image_size, args.emb_shape, args.output_layer)
+    stage = stages.StageBuilder(basic_model, classes=args.classes).build(
+        losses.ArcfaceLoss(), optimizer=keras.optimizers.SGD(0.01, momentum=0.9)
+    )
+    run_steps = runner_jax.JaxStepRunner().train_function(stage, args.classes)
+    batches = iter(lambda: (images, {"label": labels}), None)  # the same batch forever
+    start = time.perf_counter()
+    times = []
+    for _ in range(warmup + args.steps):
+        run_steps(batches, 1)
+        times.append(time.perf_counter())
+    return steady_rate(times, args.batch, warmup), times[0] - start
+
+
+def backend_child(args):
+    """One run on the Keras backend of this process, synthetic in-memory batches: TensorFlow through ``Train``,
+    JAX through the JAX step runner."""
+    images, labels = synthetic_batches(args.batch, args.image_size, args.classes)
+    if keras.backend.backend() == "jax":
+        rate, first = jax_rate(args, images, labels)
+    else:
+        import tensorflow as tf
+
+        import data
+
+        ds = tf.data.Dataset.from_tensors((images, {"label": labels})).repeat()
+        dataset = data.TrainDataset(ds, steps_per_epoch=args.steps + 3, classes=args.classes, num_images=args.batch)
+        with tempfile.TemporaryDirectory() as workdir:
+            rate, first = train_rate(args, losses.ArcfaceLoss(), dataset, workdir)
+    result = {"backend": keras.backend.backend(), "images_per_s": round(rate, 2), "first_step_s": round(first, 2)}
+    print("RESULT" + json.dumps(result), flush=True)
+
+
+def compare_backends(args):
+    """Alternate TensorFlow / JAX runs (fresh processes) on the same synthetic batches; medians and their ratio."""
+    command = [sys.executable, __file__, "--child", "backend", "--backbone", args.backbone, "--batch", str(args.batch)]
+    command += ["--image_size", str(args.image_size), "--emb_shape", str(args.emb_shape), "--steps", str(args.steps)]
+    command += ["--output_layer", args.output_layer, "--classes", str(args.classes), "--precision", args.precision]
+    runs = {"tensorflow": [], "jax": []}
+    for _ in range(args.repeats):
+        for backend in runs:
+            runs[backend].append(_run_child([*command, "--backend", backend]))
+            print(backend, runs[backend][-1], file=sys.stderr, flush=True)
+    median = {name: float(np.median([run["images_per_s"] for run in results])) for name, results in runs.items()}
+    summary = {f"{name}_images_per_s": [run["images_per_s"] for run in results] for name, results in runs.items()}
+    summary.update({f"{name}_first_step_s": [run["first_step_s"] for run in results] for name, results in runs.items()})
+    return dict(summary, jax_vs_tensorflow=round(median["jax"] / median["tensorflow"], 3))
+
+
 # ---------------------------------------------------------------------------------------------- partial FC
 def head_step_seconds(args, rate):
     """Best seconds of one training step with the full ``NormDense`` head (``rate`` None) or Partial FC."""
+    import tensorflow as tf
+
     images, labels = synthetic_batches(args.batch, args.image_size, args.classes)
     backbone = build_backbone(args.backbone, args.image_size, args.emb_shape, args.output_layer)
     head = losses.NormDense(args.classes) if rate is None else losses.PartialFCNormDense(args.classes, sample_rate=rate)
@@ -281,7 +354,9 @@ def parse_args(argv):
         help="Partial FC mode: 'momentum' (losses.LazySGD, momentum 0.9) or a Keras name",
     )
     parser.add_argument("--memory_limit_gib", type=float, default=14, help="address-space cap of each Partial FC child")
-    parser.add_argument("--child", choices=("full", "partial", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--backend", choices=("tensorflow", "jax"), help="run on this Keras backend (synthetic data)")
+    parser.add_argument("--vs-backends", dest="vs_backends", action="store_true", help="TensorFlow vs JAX, alternated")
+    parser.add_argument("--child", choices=("full", "partial", "ours", "backend"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     output_layer, emb_shape = NETWORK_HEADS.get(args.backbone, ("GDC", 512))
     args.output_layer, args.emb_shape = args.output_layer or output_layer, args.emb_shape or emb_shape
@@ -293,10 +368,11 @@ def main(argv=None):
     args = parse_args(argv)
     keras.mixed_precision.set_global_policy(args.precision)
     keras.utils.set_random_seed(0)
-    if args.child:
-        return ours_child(args) if args.child == "ours" else partial_fc_child(args)
-    if args.vs_keras2:
-        result = compare_with_keras2(args, argv)
+    if args.child or args.backend:
+        children = {"ours": ours_child, "backend": backend_child, None: backend_child}
+        return children.get(args.child, partial_fc_child)(args)
+    if args.vs_keras2 or args.vs_backends:
+        result = compare_with_keras2(args, argv) if args.vs_keras2 else compare_backends(args)
     else:
         result = compare_partial_fc(args, argv) if args.partial_fc else compare_train_and_fit(args)
     keys = ("backbone", "image_size", "emb_shape", "output_layer", "batch", "precision", "xla")
