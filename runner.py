@@ -8,6 +8,7 @@ events and logs as ``model.fit``. TensorFlow-only: this is the seam where a runn
 """
 
 import contextlib
+import warnings
 
 import keras
 import tensorflow as tf
@@ -120,7 +121,7 @@ class StepRunner(EpochLoop):
             gradients[index] = grad * scale / self.replicas
         return gradients
 
-    def _replica_step(self, stage, classes):
+    def _replica_step(self, stage, classes, autograph):
         """The function one replica runs per update: for each of its ``accumulation`` batches, one after the other,
         forward, losses and gradients, summed; then [clipping and] the optimizer update. Returns the update's logs."""
         optimizer, trainable = stage.optimizer, stage.model.trainable_variables
@@ -143,28 +144,44 @@ class StepRunner(EpochLoop):
             optimizer.apply_gradients(zip(gradients, trainable))
             return logs
 
-        return tf.function(step, jit_compile=self.jit_compile)
+        return tf.function(step, jit_compile=self.jit_compile, autograph=autograph)
 
     def train_function(self, stage, classes):
-        """A ``tf.function(iterator, num_steps)`` running that many updates (each on ``accumulation`` batches);
-        returns the mean logs of those updates."""
+        """``run_steps(iterator, num_steps)``: that many updates (each on ``accumulation`` batches); returns their mean
+        logs. The step is traced without autograph, whose source conversion costs seconds per trace (a third of an
+        r100 trace); a loss or layer whose Python code branches on tensor values gets a step traced with autograph."""
+        compiled = self._steps_function(stage, classes, autograph=False)
+
+        def run_steps(iterator, num_steps):
+            nonlocal compiled
+            try:
+                return compiled(iterator, num_steps)
+            except tf.errors.OperatorNotAllowedInGraphError as error:  # raised while tracing: no step has run
+                warnings.warn(f"training step traced again with autograph (slower to trace): {error}", stacklevel=2)
+                compiled = self._steps_function(stage, classes, autograph=True)
+                return compiled(iterator, num_steps)
+
+        return run_steps
+
+    def _steps_function(self, stage, classes, autograph):
+        """The ``tf.function(iterator, num_steps)`` behind ``train_function``; ``num_steps`` is a Python int (one
+        trace per value; the steps are unrolled)."""
         strategy, accumulation, kernels = self.strategy, self.accumulation, self.kernels
-        replica_step = self._replica_step(stage, classes)
+        replica_step = self._replica_step(stage, classes, autograph)
         log_keys = ["loss", "regular_loss"] + [name + "_loss" for name in stage.specs]
         log_keys += ["accuracy"] if stage.accuracy_output else []
         reductions = {key: "MEAN" if key == "accuracy" else "SUM" for key in log_keys}  # losses are pre-divided
 
-        @tf.function
+        @tf.function(autograph=autograph)
         def run_steps(iterator, num_steps):
-            """``num_steps``: a Python int (one trace per value; 1 unrolls to no loop at all) or a tensor."""
             sums = {key: tf.constant(0.0) for key in log_keys}
-            for _ in range(num_steps) if isinstance(num_steps, int) else tf.range(num_steps):
+            for _ in range(num_steps):
                 batches = tuple(next(iterator) for _ in range(accumulation))
                 with kernels():  # the step is traced here: with the fast kernels for BN, PReLU and SGD
                     per_replica = strategy.run(replica_step, args=(batches,))
                 sums = {
                     key: sums[key] + strategy.reduce(reductions[key], per_replica[key], axis=None) for key in log_keys
                 }
-            return {key: value / tf.cast(num_steps, tf.float32) for key, value in sums.items()}
+            return {key: value / num_steps for key, value in sums.items()}
 
         return run_steps

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -27,7 +28,7 @@ def _one_update(stage, step_runner, images, labels):
     before = [var.numpy().copy() for var in stage.model.trainable_variables]
     batches = tf.data.Dataset.from_tensors((images, {data.LABEL_KEY: labels})).repeat()
     run_steps = step_runner.train_function(stage, classes=12)
-    run_steps(iter(step_runner.distribute(batches, len(images))), tf.constant(1))
+    run_steps(iter(step_runner.distribute(batches, len(images))), 1)
     return before, [var.numpy() for var in stage.model.trainable_variables]
 
 
@@ -51,6 +52,37 @@ def test_clipping_bounds_the_applied_update():
     assert np.linalg.norm(clipped) == pytest.approx(1e-3, rel=1e-4)
     expected = free * 1e-3 / np.linalg.norm(free)  # float32 weights of ~1 resolve updates to ~6e-8: compare norms
     assert np.linalg.norm(clipped - expected) < 1e-3 * np.linalg.norm(expected)
+
+
+class BranchingLoss(losses.ArcfaceLoss):
+    """ArcFace behind a Python ``if`` on a tensor value: only a step traced with autograph can run it."""
+
+    def call(self, y_true, y_pred):
+        if keras.ops.all(keras.ops.isfinite(y_pred)):
+            return super().call(y_true, y_pred)
+        return keras.ops.zeros_like(super().call(y_true, y_pred))
+
+
+def test_a_loss_branching_on_tensors_trains_like_the_same_loss_without_the_branch():
+    """The step is traced without autograph; a loss with a Python ``if`` on a tensor gets it (with a warning) and
+    makes the same update as the plain loss."""
+    rng = np.random.default_rng(1)
+    images, labels = rng.normal(size=(8, 32, 32, 3)).astype("float32"), np.arange(8, dtype="int32")
+    builder = stages.StageBuilder(tiny_basic_model(), classes=12)
+    start, updates = None, []
+    for loss in (losses.ArcfaceLoss(scale=16), BranchingLoss(scale=16)):
+        stage = builder.build(loss, optimizer=keras.optimizers.SGD(0.5))
+        start = start or [var.numpy().copy() for var in stage.model.trainable_variables]
+        for var, value in zip(stage.model.trainable_variables, start):
+            var.assign(value)  # both updates start from the same weights (backbone and head)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            before, after = _one_update(stage, runner.StepRunner(tf.distribute.get_strategy()), images, labels)
+        traced_again = [str(item.message) for item in caught if "traced again with autograph" in str(item.message)]
+        assert len(traced_again) == (1 if isinstance(loss, BranchingLoss) else 0)
+        updates.append(np.concatenate([(aa - bb).ravel() for aa, bb in zip(after, before)]))
+    assert np.linalg.norm(updates[0]) > 1e-3
+    np.testing.assert_allclose(updates[1], updates[0], atol=1e-6)
 
 
 @pytest.mark.slow

@@ -104,7 +104,7 @@ def test_a_new_output_kind_is_one_table_row(monkeypatch):
     embeddings = stage.model(images, training=True)["quality_embedding"].numpy()  # what the step's loss will see
     expected_quality = np.mean((np.linalg.norm(embeddings, axis=-1) - 1) ** 2)
     step_runner = runner.StepRunner(tf.distribute.get_strategy())
-    logs = step_runner.train_function(stage, classes=12)(iter(step_runner.distribute(batches, 8)), tf.constant(1))
+    logs = step_runner.train_function(stage, classes=12)(iter(step_runner.distribute(batches, 8)), 1)
     assert float(logs["quality_embedding_loss"]) == pytest.approx(expected_quality, rel=1e-4)
     expected_total = float(logs["arcface_loss"]) + 0.25 * float(logs["quality_embedding_loss"])
     assert float(logs["loss"]) == pytest.approx(expected_total, rel=1e-5)
