@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Speed of the evaluation metrics (issue 6), printed as one JSON line.
+"""Speed of the evaluation metrics, printed as one JSON line.
 
 - ``metrics_6000_pairs_s``: all verification metrics (best-threshold, 10-fold, VAL@FAR) for 6,000 pairs of 512-d
   embeddings (best of 5 runs).

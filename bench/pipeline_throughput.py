@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Input-pipeline speed (issue 9): images/s of ``data.prepare_dataset`` alone (JPEG decode + augmentation + batch,
+"""Input-pipeline speed: images/s of ``data.prepare_dataset`` alone (JPEG decode + augmentation + batch,
 no model) for each ``random_status``, on a generated folder of 112x112 JPEGs; printed as one JSON line.
 
 Each figure is the best of ``--repeats`` timed runs of ``--batches`` batches after a warm-up of 3 batches.

@@ -1,4 +1,4 @@
-"""The demo dataset: deterministic, balanced, and hard for raw pixels (issue 2's difficulty bar)."""
+"""The demo dataset: deterministic, balanced, and hard for raw pixels."""
 
 import io
 import os
