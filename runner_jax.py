@@ -160,12 +160,14 @@ class JaxStepRunner(EpochLoop):
         def run_steps(iterator, num_steps):
             state = tuple(_values(variables) for variables in variable_lists)
             sums = None
-            for _ in range(num_steps):
-                batches = tuple(next(iterator) for _ in range(self.accumulation))
-                state, logs = step(state, batches)
-                sums = logs if sums is None else jax.tree.map(_add, sums, logs)
-            for variables, values in zip(variable_lists, state):
-                _assign(variables, values)
+            try:
+                for _ in range(num_steps):
+                    batches = tuple(next(iterator) for _ in range(self.accumulation))
+                    state, logs = step(state, batches)
+                    sums = logs if sums is None else jax.tree.map(_add, sums, logs)
+            finally:  # also on an interrupt: the variables' own buffers were donated to the first step
+                for variables, values in zip(variable_lists, state):
+                    _assign(variables, values)
             return {key: float(value) / num_steps for key, value in sums.items()}
 
         return run_steps

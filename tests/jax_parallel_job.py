@@ -14,6 +14,8 @@ import numpy as np
 import data
 import losses
 import models
+import runner_jax
+import stages
 import train
 
 IMAGES, CLASSES, GLOBAL_BATCH = 16, 4, 8
@@ -58,6 +60,33 @@ class _nothing:
         return False
 
 
+def interrupted_weights_diff():
+    """An interrupt between two steps of one ``run_steps`` call: the variables hold the first step's values (the step
+    consumed their buffers). Returns the largest difference to a run of exactly one step from the same start."""
+    batch = next(dataset().dataset.as_numpy_iterator())
+
+    def batches(interrupt):
+        yield batch
+        if interrupt:
+            raise KeyboardInterrupt
+        yield batch
+
+    weights = []
+    for interrupt, num_steps in ((False, 1), (True, 2)):
+        keras.utils.set_random_seed(0)
+        stage = stages.StageBuilder(basic_model(), classes=CLASSES).build(
+            losses.ArcfaceLoss(scale=16), optimizer=keras.optimizers.SGD(0.1)
+        )
+        start = [np.asarray(weight) for weight in stage.model.get_weights()]
+        try:
+            runner_jax.JaxStepRunner().train_function(stage, CLASSES)(batches(interrupt), num_steps)
+        except KeyboardInterrupt:
+            pass
+        weights.append([np.asarray(weight) for weight in stage.model.get_weights()])
+    moved = max(float(np.abs(aa - bb).max()) for aa, bb in zip(weights[0], start))
+    return moved, max(float(np.abs(aa - bb).max()) for aa, bb in zip(weights[0], weights[1]))
+
+
 def main(tmp):
     stages = {
         "arcface_center": {"loss": losses.ArcfaceLoss(scale=16), "centerloss": 0.5},
@@ -76,6 +105,7 @@ def main(tmp):
             "loss_diff": float(np.max(np.abs(np.subtract(single_loss, multi_loss)))),
             "weight_diff": max(float(np.abs(aa - bb).max()) for aa, bb in zip(single_weights, multi_weights)),
         }
+    results["interrupted_moved"], results["interrupted_diff"] = interrupted_weights_diff()
     images = np.random.default_rng(5).normal(size=(3, 8, 8, 3)).astype("float32")
     results["saved"] = f"{tmp}/arcface_center_one.keras"
     basic = models.extract_basic_model(keras.models.load_model(results["saved"]))

@@ -32,6 +32,7 @@ def test_jax_data_parallel_equals_one_device_and_the_model_loads_on_tensorflow(t
         row = result[name]
         assert len(row["loss_single"]) == 2 and np.isfinite(row["loss_single"]).all()
         assert row["loss_diff"] < 1e-4 and row["weight_diff"] < 1e-4, (name, row)
+    assert result["interrupted_moved"] > 1e-4 and result["interrupted_diff"] == 0  # an interrupt loses no weights
     if keras.backend.backend() == "tensorflow":
         basic = models.extract_basic_model(models.load_model(result["saved"]))
         images = np.load(tmp_path / "probe_images.npy")
