@@ -91,8 +91,10 @@ def main(argv=None):
     parser.add_argument("--output_layer", default="GDC")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precision", default="float32", help="a mixed precision policy, e.g. mixed_bfloat16")
     args = parser.parse_args(argv)
     tf_keras.utils.set_random_seed(0)
+    tf_keras.mixed_precision.set_global_policy(args.precision)
     dataset, classes = folder_dataset(args.data, args.batch, args.image_size)
     basic = models.buildin_models(
         args.network,
@@ -100,7 +102,7 @@ def main(argv=None):
         output_layer=args.output_layer,
         input_shape=(args.image_size,) * 2 + (3,),
     )
-    model = tf_keras.Model(basic.inputs, NormDense(classes, name="arcface")(basic.output))
+    model = tf_keras.Model(basic.inputs, NormDense(classes, dtype="float32", name="arcface")(basic.output))
     model.compile(optimizer=tf_keras.optimizers.SGD(0.01, momentum=0.9), loss=arcface_loss())
     timer, start = BatchTimes(), time.perf_counter()
     model.fit(dataset, steps_per_epoch=args.steps + args.warmup, epochs=1, verbose=0, callbacks=[timer])
@@ -108,6 +110,7 @@ def main(argv=None):
     result = {
         "library": f"tf-keras {tf_keras.__version__}",
         "network": args.network,
+        "precision": args.precision,
         "params": int(model.count_params()),
         "images_per_s": round(args.batch / float(np.median(gaps)), 2),
         "first_step_s": round(timer.times[0] - start, 2),

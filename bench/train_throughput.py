@@ -3,9 +3,11 @@
 
 ``--vs-keras2 --data DIR``: ``train.Train`` against the library users run today (Keras_insightface: TensorFlow with
 legacy Keras 2, ``model.fit``; ``bench/keras2_reference.py``) on the same network, the same JPEG folder and the same
-settings (batch 64, SGD momentum 0.9, ArcFace s=64, random flip, float32). Each side runs in its own process,
-alternated ``--repeats`` times; images/s is the median of the steady-state batch-to-batch times of a run, and the
-ratio compares the medians over the runs. ``--data`` defaults to 2,000 generated 112x112 demo faces (100 classes).
+settings (batch 64, SGD momentum 0.9, ArcFace s=64, random flip, ``--precision``: float32 unless given). Each side
+runs in its own process, alternated ``--repeats`` times; images/s is the median of the steady-state batch-to-batch
+times of a run, and the ratio compares the medians over the runs. In float32 each repeat also times the network's
+convolution kernels alone (``bench/conv_floor.py``): the rate no library could beat with them. ``--data`` defaults
+to 2,000 generated 112x112 demo faces (100 classes).
 
 ``--backend jax``: images/s of the JAX step runner (ArcFace head, SGD momentum) on one synthetic in-memory batch;
 needs only JAX, Keras and this repository, not TensorFlow (a GPU machine without TensorFlow runs it).
@@ -99,6 +101,7 @@ def train_rate(args, loss, dataset, workdir, warmup=3):
         plot_history=False,
         random_status=0,
         callbacks=[timer],
+        mixed_precision=None if args.precision == "float32" else args.precision,
     )
     start = time.perf_counter()
     tt.train([{"loss": loss, "optimizer": keras.optimizers.SGD(0.01, momentum=0.9), "epoch": 1}], 0)
@@ -170,7 +173,8 @@ def _run_child(command):
 
 
 def compare_with_keras2(args, argv):
-    """Alternate ours / tf-keras runs, each in a fresh process; medians and their ratio."""
+    """Alternate ours / tf-keras runs (and in float32 the convolution floor), each in a fresh process; medians and
+    their ratios."""
     if not args.data:
         import demo_data
 
@@ -180,18 +184,31 @@ def compare_with_keras2(args, argv):
         )["train_dir"]  # fmt: skip
     common = ["--data", args.data, "--batch", str(args.batch), "--image_size", str(args.image_size)]
     common += ["--emb_shape", str(args.emb_shape), "--output_layer", args.output_layer, "--steps", str(args.steps)]
+    common += ["--precision", args.precision]
     ours_cmd = [sys.executable, __file__, "--child", "ours", "--backbone", args.backbone, *common]
     ours_cmd += ["--steps_per_execution", str(args.steps_per_execution)] + (["--xla"] if args.xla else [])
     reference_cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "keras2_reference.py")]
     reference_cmd += ["--network", args.backbone, *common]
-    runs = {"ours": [], "keras2": []}
+    floor_cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "conv_floor.py"), "--network", args.backbone]
+    floor_cmd += ["--batch", str(args.batch), "--image_size", str(args.image_size), "--output_layer", args.output_layer]
+    runs = {"ours": [], "keras2": [], "floor": []}
     for _ in range(args.repeats):
         for name, command in (("ours", ours_cmd), ("keras2", reference_cmd)):
             runs[name].append(_run_child(command))
             print(name, runs[name][-1], file=sys.stderr, flush=True)
-    median = {name: float(np.median([run["images_per_s"] for run in results])) for name, results in runs.items()}
-    first = {name: float(np.median([run["first_step_s"] for run in results])) for name, results in runs.items()}
-    return {
+        if args.precision == "float32":  # the floor times float32 kernels
+            runs["floor"].append({"images_per_s": _run_child(floor_cmd)["floor_images_per_s"]})
+    return _keras2_summary(runs)
+
+
+def _keras2_summary(runs):
+    """Each side's rates and first steps, the ratio of the medians and, in float32, the convolution floor: the
+    fastest any library could train the network with these convolution kernels (``bench/conv_floor.py``)."""
+    median = {
+        name: float(np.median([run["images_per_s"] for run in results])) for name, results in runs.items() if results
+    }
+    first = {name: float(np.median([run["first_step_s"] for run in runs[name]])) for name in ("ours", "keras2")}
+    summary = {
         "ours_images_per_s": [run["images_per_s"] for run in runs["ours"]],
         "keras2_images_per_s": [run["images_per_s"] for run in runs["keras2"]],
         "ours_vs_keras2": round(median["ours"] / median["keras2"], 3),
@@ -199,6 +216,10 @@ def compare_with_keras2(args, argv):
         "keras2_first_step_s": [run["first_step_s"] for run in runs["keras2"]],
         "first_step_ratio": round(first["ours"] / first["keras2"], 3),
     }
+    if runs["floor"]:
+        summary["conv_floor_images_per_s"] = [run["images_per_s"] for run in runs["floor"]]
+        summary["floor_vs_keras2"] = round(median["floor"] / median["keras2"], 3)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- backends

@@ -1,0 +1,65 @@
+"""``bench/conv_floor.py``: which convolution kernels a training step runs, and how many multiply-adds they do."""
+
+import os
+import sys
+
+import keras
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import conv_floor  # noqa: E402
+
+
+def small_model():
+    inputs = keras.Input((16, 16, 3))
+    nn = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)  # on the images: no input gradient
+    nn = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2)(nn)  # 16 channels at 8x8
+    nn = keras.layers.Conv2D(8, 3, padding="valid", groups=4)(nn)  # 6x6
+    nn = keras.layers.SeparableConv2D(4, 3, padding="same")(nn)  # depthwise 3x3 over 8, then 1x1 8 -> 4
+    nn = keras.layers.Conv1D(4, 1)(keras.layers.Reshape((36, 4))(nn))
+    return keras.Model(inputs, nn)
+
+
+def test_every_convolution_kernel_of_a_step_is_listed_with_its_input_gradient():
+    specs, skipped = conv_floor.conv_specs(small_model())
+    listed = sorted((spec.depthwise, spec.input_shape, spec.kernel_shape, spec.input_grad) for spec in specs)
+    assert listed == sorted(
+        [
+            (False, (16, 16, 3), (3, 3, 3, 8), False),
+            (True, (16, 16, 8), (3, 3, 8, 2), True),
+            (False, (8, 8, 16), (3, 3, 4, 8), True),
+            (True, (6, 6, 8), (3, 3, 8, 1), True),
+            (False, (6, 6, 8), (1, 1, 8, 4), True),
+        ]
+    )
+    assert all(count == 1 for count in specs.values())
+    assert len(skipped) == 1 and "conv1d" in skipped[0]
+
+
+def test_multiply_adds_per_image_match_hand_counts():
+    specs, _ = conv_floor.conv_specs(small_model())
+    macs = {spec.kernel_shape: conv_floor.forward_macs(spec) for spec in specs}
+    assert macs == {
+        (3, 3, 3, 8): 16 * 16 * 9 * 3 * 8,
+        (3, 3, 8, 2): 8 * 8 * 9 * 16,  # each of the 16 outputs reads one input channel
+        (3, 3, 4, 8): 6 * 6 * 9 * 4 * 8,  # 4 groups: each output reads 4 of the 16 channels
+        (3, 3, 8, 1): 6 * 6 * 9 * 8,
+        (1, 1, 8, 4): 6 * 6 * 8 * 4,
+    }
+
+
+def test_iresnet50_does_6_3_gigamacs_per_112px_image():
+    """IResNet-50's convolutions counted from its layout: a 3x3 stem, per stage a strided first block with a 1x1
+    shortcut, then stride-1 blocks of two 3x3 convolutions."""
+    import models
+
+    expected, size, channels = 112 * 112 * 9 * 3 * 64, 112, 64
+    for repeats, filters in zip((3, 4, 14, 3), (64, 128, 256, 512)):
+        out = size // 2
+        expected += size * size * 9 * channels * filters + out * out * (9 * filters + channels) * filters
+        expected += (repeats - 1) * 2 * out * out * 9 * filters * filters
+        size, channels = out, filters
+    specs, _ = conv_floor.conv_specs(models.buildin_models("r50", output_layer="E", input_shape=(112, 112, 3)))
+    total = sum(conv_floor.forward_macs(spec) * count for spec, count in specs.items())
+    assert total == expected
+    np.testing.assert_allclose(total / 1e9, 6.2965, atol=1e-4)
