@@ -79,3 +79,34 @@ def compiled(fn, state=(), jit_compile=True):
         return value
 
     return call
+
+
+# ---------------------------------------------------------------------------------------------- numpy references
+def np_softmax(logits):
+    return np.exp(np_log_softmax(logits))
+
+
+def np_log_softmax(logits):
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def np_cross_entropy(labels, logits, label_smoothing=0.0):
+    """Keras categorical cross entropy from logits, one-hot smoothed as ``y * (1 - ls) + ls / C``."""
+    onehot = np.eye(logits.shape[-1])[labels]
+    onehot = onehot * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return -(onehot * np_log_softmax(logits)).sum(axis=-1)
+
+
+def np_with_target(cosines, labels, target):
+    out = cosines.astype("float64").copy()
+    out[np.arange(len(labels)), labels] = target
+    return out
+
+
+def np_arcface(cosines, labels, m1, m2, m3, scale, ls=0.0):
+    """Combined margin: cos(m1*acos(c) + m2) - m3, mirrored to (-1-m3)*2 - t at c <= cos((pi-m2)/m1)."""
+    cos_y = cosines[np.arange(len(labels)), labels].astype("float64")
+    target = np.cos(m1 * np.arccos(cos_y) + m2) - m3
+    target = np.where(cos_y > np.cos((np.pi - m2) / m1), target, (-1 - m3) * 2 - target)
+    return np_cross_entropy(labels, np_with_target(cosines, labels, target) * scale, ls)

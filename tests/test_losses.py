@@ -11,7 +11,16 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from helpers import compiled, on_tensorflow, value_and_gradients
+from helpers import (
+    compiled,
+    np_arcface,
+    np_cross_entropy,
+    np_log_softmax,
+    np_softmax,
+    np_with_target,
+    on_tensorflow,
+    value_and_gradients,
+)
 
 import losses
 
@@ -22,36 +31,6 @@ TF_ONLY = "TensorFlow-only mechanism: "  # start of the skip reason of the tests
 
 
 # ---------------------------------------------------------------------------------------------- numpy references
-def np_softmax(logits):
-    return np.exp(np_log_softmax(logits))
-
-
-def np_log_softmax(logits):
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def np_cross_entropy(labels, logits, label_smoothing=0.0):
-    """Keras categorical cross entropy from logits, one-hot smoothed as ``y * (1 - ls) + ls / C``."""
-    onehot = np.eye(logits.shape[-1])[labels]
-    onehot = onehot * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
-    return -(onehot * np_log_softmax(logits)).sum(axis=-1)
-
-
-def np_with_target(cosines, labels, target):
-    out = cosines.astype("float64").copy()
-    out[np.arange(len(labels)), labels] = target
-    return out
-
-
-def np_arcface(cosines, labels, m1, m2, m3, scale, ls=0.0):
-    """Combined margin: cos(m1*acos(c) + m2) - m3, mirrored to (-1-m3)*2 - t at c <= cos((pi-m2)/m1)."""
-    cos_y = cosines[np.arange(len(labels)), labels].astype("float64")
-    target = np.cos(m1 * np.arccos(cos_y) + m2) - m3
-    target = np.where(cos_y > np.cos((np.pi - m2) / m1), target, (-1 - m3) * 2 - target)
-    return np_cross_entropy(labels, np_with_target(cosines, labels, target) * scale, ls)
-
-
 def np_arcface_t4_target(cos_y, margin):
     """MXNet loss-type 4: c cos m - sqrt(1 - c^2) sin m where c > cos(pi - m), else c - m sin(pi - m)."""
     plain = cos_y * np.cos(margin) - np.sqrt(np.maximum(1 - cos_y**2, 0)) * np.sin(margin)

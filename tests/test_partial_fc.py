@@ -10,7 +10,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from helpers import on_tensorflow, value_and_gradients
+from helpers import np_arcface, on_tensorflow, value_and_gradients
 
 import losses
 
@@ -121,6 +121,12 @@ def test_plain_norm_dense_head_gives_the_same_partial_cosines(batch):
 def test_rate_one_equals_the_full_head_loss_and_gradients(batch):
     embeddings, labels = batch
     partial = make_head(1.0)
+    kernel = np.random.default_rng(1).normal(size=partial.kernel.shape).astype("float32")
+    row = kernel[labels[1]]
+    kernel[labels[1]] = -embeddings[1] / np.linalg.norm(embeddings[1]) + 0.35 * row / np.linalg.norm(row)
+    target_cosine = np_class_cosines(embeddings, kernel)[1, labels[1]]
+    assert -0.99 < target_cosine < math.cos(math.pi - 0.5)  # on ArcFace's mirrored branch, away from acos(-1)
+    partial.kernel.assign(kernel)
     full = losses.NormDense(CLASSES)
     full.build((None, EMB))
     full.kernel.assign(partial.kernel.numpy().T)
@@ -140,14 +146,9 @@ def test_rate_one_equals_the_full_head_loss_and_gradients(batch):
     np.testing.assert_allclose(partial_loss, full_loss, rtol=1e-6)
     np.testing.assert_allclose(partial_kernel_grad, full_kernel_grad.T, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(partial_x_grad, full_x_grad, rtol=1e-4, atol=1e-7)
-    # and the value is the ArcFace formula in numpy: theta + 0.5 on the target, scale 16, cross entropy
-    cos = np_class_cosines(embeddings, partial.kernel.numpy())
-    logits = cos.copy()
-    logits[np.arange(BATCH), labels] = np.cos(np.arccos(cos[np.arange(BATCH), labels]) + 0.5)
-    logits *= 16
-    logp = logits - logits.max(1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-    np.testing.assert_allclose(partial_loss, -logp[np.arange(BATCH), labels].mean(), rtol=1e-5)
+    # and the value is the ArcFace formula in numpy (theta + 0.5 on the target, scale 16), the mirror included
+    expected = np_arcface(np_class_cosines(embeddings, kernel), labels, 1.0, 0.5, 0.0, 16).mean()
+    np.testing.assert_allclose(partial_loss, expected, rtol=1e-5)
 
 
 @pytest.mark.skipif(not on_tensorflow(), reason=TF_ONLY + "IndexedSlices gradients of a sparse variable read")
