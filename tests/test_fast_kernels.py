@@ -80,7 +80,7 @@ def test_fused_batch_norm_keeps_keras_for_frozen_layers_and_half_precision_input
         np.testing.assert_allclose(np.float32(fast_value), np.float32(keras_value), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("shared_axes", [[1, 2], None, [1]])
+@pytest.mark.parametrize("shared_axes", [[1, 2], None, [1], [2]])
 def test_prelu_equals_keras_also_at_zero(shared_axes):
     values = np.random.default_rng(2).normal(size=(3, 4, 5, 6)).astype("float32")
     values[0, 0, 0] = 0.0  # exact zeros: Keras' gradient there is 0 for the input and for alpha
