@@ -11,9 +11,9 @@ On TensorFlow, Keras 3 computes a training step of
 Inside ``training_kernels()``, those layers and the optimizer are traced with one ``FusedBatchNormV3`` op (forward and
 backward), one XLA-compiled elementwise kernel each way for PReLU (which XLA fuses into a single pass; alpha's
 gradient is then summed by a matrix product with a row of ones), and one ``ResourceApplyKerasMomentum`` op per
-variable. Everything else is Keras' own: weights, configs and saved files do
-not change, and outside the block (evaluation, export) the layers run Keras' code. Results equal Keras' to float
-rounding (tested). ``runner.StepRunner`` traces its training step inside the block on the TensorFlow backend.
+variable. Everything else is Keras' own: weights, configs and saved files do not change, and outside the block
+(evaluation, export) the layers run Keras' code. Results equal Keras' to float rounding (tested).
+``runner.StepRunner`` traces its training step inside the block on the TensorFlow backend.
 """
 
 import contextlib
