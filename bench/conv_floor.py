@@ -8,9 +8,13 @@ and adds them up: ``floor_s_per_step``. No library running the same network in t
 kernels can step faster, so ``--reference_images_per_s R`` also prints the best ratio over a library measured at R
 images/s. TensorFlow's oneDNN kernels are what both Keras 3 and tf-keras call on a CPU.
 
+Training batch norms over images also run TensorFlow's fused batch-norm kernel in both libraries (forward with the
+batch moments, and its backward): ``batch_norm_s_per_step`` times those alone the same way, and
+``conv_bn_floor_images_per_s`` is the rate of a step that ran nothing but the two.
+
 Usage::
 
-    OMP_NUM_THREADS=2 python bench/conv_floor.py --network r50 --batch 64 --reference_images_per_s 7.5
+    OMP_NUM_THREADS=2 python bench/conv_floor.py --network r50 --output_layer E --reference_images_per_s 7.5
 """
 
 import argparse
@@ -55,6 +59,18 @@ def conv_specs(model):
     return specs, skipped
 
 
+def batch_norm_shapes(model):
+    """``Counter`` of the input shapes (without the batch) of ``model``'s batch norms over 4-D channels-last data,
+    which train on TensorFlow's fused kernel in both libraries, and the names of the others, which are not counted."""
+    shapes, skipped = collections.Counter(), []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            fused = len(layer.input.shape) == 4 and layer.axis in (-1, 3)
+            shapes.update([tuple(layer.input.shape[1:])] if fused else [])
+            skipped += [] if fused else [layer.name]
+    return shapes, skipped
+
+
 def forward_macs(spec):
     """Multiply-adds of one image through the convolution (the backward kernels do the same number each)."""
     out_h, out_w = _output_size(spec)
@@ -83,7 +99,7 @@ def _convolve(spec):
 
 def kernel_seconds(spec, batch, repeats=5):
     """Median seconds of the forward kernel and of the backward kernels (input gradient only where needed) at
-    ``batch``; each call ends on one element of its result, so that timing waits for the kernel, not a copy."""
+    ``batch``. The backward does not rerun the forward: a convolution's gradients need only its inputs."""
     convolve = _convolve(spec)
     x = tf.random.normal((batch,) + spec.input_shape)
     w = tf.random.normal(spec.kernel_shape) * 0.05
@@ -91,7 +107,7 @@ def kernel_seconds(spec, batch, repeats=5):
 
     @tf.function
     def forward(x, w):
-        return convolve(x, w)[0, 0, 0, 0]
+        return _first_element(convolve(x, w))
 
     @tf.function
     def backward(x, w, dy):
@@ -99,10 +115,39 @@ def kernel_seconds(spec, batch, repeats=5):
         with tf.GradientTape() as tape:
             tape.watch(sources)
             y = convolve(x, w)
-        grads = tape.gradient(y, sources, output_gradients=dy)
-        return tf.add_n([tf.reshape(grad, [-1])[0] for grad in grads])
+        return _first_element(*tape.gradient(y, sources, output_gradients=dy))
 
     return _median_seconds(forward, (x, w), repeats), _median_seconds(backward, (x, w, dy), repeats)
+
+
+def batch_norm_seconds(shape, batch, repeats=5):
+    """Median seconds of TensorFlow's fused batch-norm kernel in training (with the batch moments) and of its
+    gradient kernel (input, scale and offset gradients, from the moments the forward saved) on ``(batch, *shape)``."""
+    x, dy = tf.random.normal((batch,) + shape), tf.random.normal((batch,) + shape)
+    scale, offset, empty = tf.ones(shape[-1:]), tf.zeros(shape[-1:]), tf.zeros([0])
+    common = dict(epsilon=2e-5, data_format="NHWC", is_training=True)
+
+    @tf.function
+    def forward(x, scale, offset):
+        return tf.raw_ops.FusedBatchNormV3(x=x, scale=scale, offset=offset, mean=empty, variance=empty, **common)
+
+    @tf.function
+    def backward(dy, x, scale, saved):
+        grads = tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=dy, x=x, scale=scale, reserve_space_1=saved[0], reserve_space_2=saved[1],
+            reserve_space_3=saved[2], **common,
+        )  # fmt: skip
+        return _first_element(*grads[:3])
+
+    saved = forward(x, scale, offset)[3:]
+    forward_first = tf.function(lambda *inputs: _first_element(forward(*inputs)[0]))
+    forward_s = _median_seconds(forward_first, (x, scale, offset), repeats)
+    return forward_s, _median_seconds(backward, (dy, x, scale, saved), repeats)
+
+
+def _first_element(*tensors):
+    """One number that depends on each tensor: timing waits for the kernels, not for copies of their results."""
+    return tf.add_n([tf.reshape(tensor, [-1])[0] for tensor in tensors])
 
 
 def _median_seconds(function, args, repeats):
@@ -128,6 +173,18 @@ def convolution_floor(model, batch, repeats=5):
     return total, rows, skipped
 
 
+def batch_norm_floor(model, batch, repeats=5):
+    """Per-step seconds of ``model``'s fused batch-norm kernels at ``batch`` and the per-shape details."""
+    shapes, skipped = batch_norm_shapes(model)
+    rows, total = [], 0.0
+    for shape, count in shapes.items():
+        forward, backward = batch_norm_seconds(shape, batch, repeats)
+        total += count * (forward + backward)
+        rows.append({"shape": shape, "count": count, "forward_ms": round(forward * 1e3, 2),
+                     "backward_ms": round(backward * 1e3, 2)})  # fmt: skip
+    return total, rows, skipped
+
+
 def _describe(spec):
     kind = "depthwise" if spec.depthwise else "conv"
     size = "x".join(str(size) for size in spec.kernel_shape[:2])
@@ -142,19 +199,24 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per kernel (median)")
     parser.add_argument("--reference_images_per_s", type=float, help="a library's measured rate on this network")
-    parser.add_argument("--details", action="store_true", help="also print every distinct convolution's times")
+    parser.add_argument("--details", action="store_true", help="also print every distinct kernel's times")
     args = parser.parse_args(argv)
     shape = (args.image_size, args.image_size, 3)
     model = models.buildin_models(args.network, input_shape=shape, output_layer=args.output_layer)
     floor, rows, skipped = convolution_floor(model, args.batch, args.repeats)
+    batch_norm, bn_rows, bn_skipped = batch_norm_floor(model, args.batch, args.repeats)
     macs = sum(forward_macs(spec) * count for spec, count in conv_specs(model)[0].items())
     result = {"network": args.network, "batch": args.batch, "forward_gmac_per_image": round(macs / 1e9, 3),
               "floor_s_per_step": round(floor, 3), "floor_images_per_s": round(args.batch / floor, 2),
-              "not_counted": skipped, "load_avg_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+              "batch_norm_s_per_step": round(batch_norm, 3),
+              "conv_bn_floor_images_per_s": round(args.batch / (floor + batch_norm), 2),
+              "not_counted": skipped + bn_skipped, "load_avg_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
     if args.reference_images_per_s:
         result["best_ratio_over_reference"] = round(args.batch / floor / args.reference_images_per_s, 3)
+        best = args.batch / (floor + batch_norm) / args.reference_images_per_s
+        result["best_ratio_with_batch_norm"] = round(best, 3)
     if args.details:
-        result["convolutions"] = rows
+        result["convolutions"], result["batch_norms"] = rows, bn_rows
     print(json.dumps(result))
 
 

@@ -6,8 +6,9 @@ legacy Keras 2, ``model.fit``; ``bench/keras2_reference.py``) on the same networ
 settings (batch 64, SGD momentum 0.9, ArcFace s=64, random flip, ``--precision``: float32 unless given). Each side
 runs in its own process, alternated ``--repeats`` times; images/s is the median of the steady-state batch-to-batch
 times of a run, and the ratio compares the medians over the runs. In float32 each repeat also times the network's
-convolution kernels alone (``bench/conv_floor.py``): the rate no library could beat with them. ``--data`` defaults
-to 2,000 generated 112x112 demo faces (100 classes).
+convolution kernels alone (``bench/conv_floor.py``): the rate no library could beat with them; and the same with the
+fused batch-norm kernels added (``conv_bn_floor``). ``--data`` defaults to 2,000 generated 112x112 demo faces (100
+classes).
 
 ``--backend jax``: images/s of the JAX step runner (ArcFace head, SGD momentum) on one synthetic in-memory batch;
 needs only JAX, Keras and this repository, not TensorFlow (a GPU machine without TensorFlow runs it).
@@ -191,19 +192,22 @@ def compare_with_keras2(args, argv):
     reference_cmd += ["--network", args.backbone, *common]
     floor_cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "conv_floor.py"), "--network", args.backbone]
     floor_cmd += ["--batch", str(args.batch), "--image_size", str(args.image_size), "--output_layer", args.output_layer]
-    runs = {"ours": [], "keras2": [], "floor": []}
+    runs = {"ours": [], "keras2": [], "floor": [], "conv_bn_floor": []}
     for _ in range(args.repeats):
         for name, command in (("ours", ours_cmd), ("keras2", reference_cmd)):
             runs[name].append(_run_child(command))
             print(name, runs[name][-1], file=sys.stderr, flush=True)
         if args.precision == "float32":  # the floor times float32 kernels
-            runs["floor"].append({"images_per_s": _run_child(floor_cmd)["floor_images_per_s"]})
+            floor = _run_child(floor_cmd)
+            runs["floor"].append({"images_per_s": floor["floor_images_per_s"]})
+            runs["conv_bn_floor"].append({"images_per_s": floor["conv_bn_floor_images_per_s"]})
     return _keras2_summary(runs)
 
 
 def _keras2_summary(runs):
     """Each side's rates and first steps, the ratio of the medians and, in float32, the convolution floor: the
-    fastest any library could train the network with these convolution kernels (``bench/conv_floor.py``)."""
+    fastest any library could train the network with these convolution kernels (``bench/conv_floor.py``), alone
+    and with the fused batch-norm kernels added."""
     median = {
         name: float(np.median([run["images_per_s"] for run in results])) for name, results in runs.items() if results
     }
@@ -219,6 +223,8 @@ def _keras2_summary(runs):
     if runs["floor"]:
         summary["conv_floor_images_per_s"] = [run["images_per_s"] for run in runs["floor"]]
         summary["floor_vs_keras2"] = round(median["floor"] / median["keras2"], 3)
+        summary["conv_bn_floor_images_per_s"] = [run["images_per_s"] for run in runs["conv_bn_floor"]]
+        summary["conv_bn_floor_vs_keras2"] = round(median["conv_bn_floor"] / median["keras2"], 3)
     return summary
 
 

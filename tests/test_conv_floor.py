@@ -1,5 +1,7 @@
-"""``bench/conv_floor.py``: which convolution kernels a training step runs, and how many multiply-adds they do."""
+"""``bench/conv_floor.py``: which convolution and batch-norm kernels a training step runs, and how many multiply-adds
+the convolutions do."""
 
+import collections
 import os
 import sys
 
@@ -63,3 +65,33 @@ def test_iresnet50_does_6_3_gigamacs_per_112px_image():
     total = sum(conv_floor.forward_macs(spec) * count for spec, count in specs.items())
     assert total == expected
     np.testing.assert_allclose(total / 1e9, 6.2965, atol=1e-4)
+
+
+def test_batch_norms_over_channels_last_images_are_listed_by_shape():
+    inputs = keras.Input((16, 16, 3))
+    nn = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same")(inputs))
+    nn = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, padding="same")(nn))
+    nn = keras.layers.BatchNormalization(axis=1, name="channels_first")(nn)  # not the fused kernel's layout
+    nn = keras.layers.BatchNormalization(name="flat")(keras.layers.Flatten()(nn))
+    shapes, skipped = conv_floor.batch_norm_shapes(keras.Model(inputs, nn))
+    assert dict(shapes) == {(16, 16, 8): 2}
+    assert sorted(skipped) == ["channels_first", "flat"]
+
+
+def test_iresnet50_batch_norms_follow_its_layout():
+    """A stem batch norm; per stage a first block with three (before its first convolution, between the two, after
+    the strided one) and one on the 1x1 shortcut, then three per stride-1 block; the E head's on the last maps."""
+    import models
+
+    expected, size, channels = collections.Counter({(112, 112, 64): 1}), 112, 64
+    for repeats, filters in zip((3, 4, 14, 3), (64, 128, 256, 512)):
+        out = size // 2
+        expected.update(
+            [(size, size, channels), (size, size, filters)] + [(out, out, filters)] * (2 + 3 * (repeats - 1))
+        )
+        size, channels = out, filters
+    expected[(7, 7, 512)] += 1
+    model = models.buildin_models("r50", output_layer="E", input_shape=(112, 112, 3))
+    shapes, skipped = conv_floor.batch_norm_shapes(model)
+    assert shapes == expected
+    assert sum(expected.values()) == 78 and skipped == ["pre_embedding"]  # the embedding's batch norm is 1-D
