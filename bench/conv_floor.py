@@ -163,26 +163,32 @@ def _median_seconds(function, args, repeats):
 def convolution_floor(model, batch, repeats=5):
     """Per-step seconds of ``model``'s convolution kernels at ``batch`` and the per-spec details."""
     specs, skipped = conv_specs(model)
-    rows, total = [], 0.0
-    for spec, count in specs.items():
-        forward, backward = kernel_seconds(spec, batch, repeats)
-        total += count * (forward + backward)
-        rate = batch * forward_macs(spec) / forward / 1e9
-        rows.append({"spec": _describe(spec), "count": count, "forward_ms": round(forward * 1e3, 2),
-                     "backward_ms": round(backward * 1e3, 2), "forward_gmac_per_s": round(rate, 1)})  # fmt: skip
-    return total, rows, skipped
+
+    def describe(spec, forward):
+        return {"spec": _describe(spec), "forward_gmac_per_s": round(batch * forward_macs(spec) / forward / 1e9, 1)}
+
+    return (*_seconds_per_step(specs, kernel_seconds, describe, batch, repeats), skipped)
 
 
 def batch_norm_floor(model, batch, repeats=5):
     """Per-step seconds of ``model``'s fused batch-norm kernels at ``batch`` and the per-shape details."""
     shapes, skipped = batch_norm_shapes(model)
+
+    def describe(shape, forward):
+        return {"shape": shape}
+
+    return (*_seconds_per_step(shapes, batch_norm_seconds, describe, batch, repeats), skipped)
+
+
+def _seconds_per_step(counts, seconds, describe, batch, repeats):
+    """Sum over the distinct kernels in ``counts`` of count x (forward + backward) seconds, and a row for each."""
     rows, total = [], 0.0
-    for shape, count in shapes.items():
-        forward, backward = batch_norm_seconds(shape, batch, repeats)
+    for kernel, count in counts.items():
+        forward, backward = seconds(kernel, batch, repeats)
         total += count * (forward + backward)
-        rows.append({"shape": shape, "count": count, "forward_ms": round(forward * 1e3, 2),
+        rows.append({**describe(kernel, forward), "count": count, "forward_ms": round(forward * 1e3, 2),
                      "backward_ms": round(backward * 1e3, 2)})  # fmt: skip
-    return total, rows, skipped
+    return total, rows
 
 
 def _describe(spec):

@@ -95,3 +95,19 @@ def test_iresnet50_batch_norms_follow_its_layout():
     shapes, skipped = conv_floor.batch_norm_shapes(model)
     assert shapes == expected
     assert sum(expected.values()) == 78 and skipped == ["pre_embedding"]  # the embedding's batch norm is 1-D
+
+
+def test_a_step_counts_each_distinct_kernel_as_often_as_the_network_runs_it():
+    times = {"a": (1.0, 2.0), "b": (0.5, 0.25)}  # forward, backward seconds
+
+    def describe(kernel, forward):
+        return {"kernel": kernel}
+
+    total, rows = conv_floor._seconds_per_step(
+        collections.Counter({"a": 2, "b": 3}), lambda kernel, batch, repeats: times[kernel], describe, 64, 1
+    )
+    assert total == 2 * 3.0 + 3 * 0.75
+    assert rows == [
+        {"kernel": "a", "count": 2, "forward_ms": 1000.0, "backward_ms": 2000.0},
+        {"kernel": "b", "count": 3, "forward_ms": 500.0, "backward_ms": 250.0},
+    ]
