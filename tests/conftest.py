@@ -1,9 +1,13 @@
-"""Shared fixtures: small generated demo datasets (built once per session) and quiet TensorFlow logs."""
+"""Shared fixtures: small generated demo datasets (built once per session), quiet TensorFlow logs, and full float32
+matrix products on GPUs, where JAX and TensorFlow otherwise multiply float32 in TF32 (10-bit mantissas): the tests
+compare formulas with numpy at float32 tolerances."""
 
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
