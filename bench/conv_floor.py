@@ -65,9 +65,10 @@ def batch_norm_shapes(model):
     shapes, skipped = collections.Counter(), []
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            fused = len(layer.input.shape) == 4 and layer.axis in (-1, 3)
-            shapes.update([tuple(layer.input.shape[1:])] if fused else [])
-            skipped += [] if fused else [layer.name]
+            if len(layer.input.shape) == 4 and layer.axis in (-1, 3):
+                shapes[tuple(layer.input.shape[1:])] += 1
+            else:
+                skipped.append(layer.name)
     return shapes, skipped
 
 
@@ -127,9 +128,12 @@ def batch_norm_seconds(shape, batch, repeats=5):
     scale, offset, empty = tf.ones(shape[-1:]), tf.zeros(shape[-1:]), tf.zeros([0])
     common = dict(epsilon=2e-5, data_format="NHWC", is_training=True)
 
+    def normalize(x, scale, offset):  # outputs, batch moments, and the saved moments for the gradient
+        return tf.raw_ops.FusedBatchNormV3(x=x, scale=scale, offset=offset, mean=empty, variance=empty, **common)
+
     @tf.function
     def forward(x, scale, offset):
-        return tf.raw_ops.FusedBatchNormV3(x=x, scale=scale, offset=offset, mean=empty, variance=empty, **common)
+        return _first_element(normalize(x, scale, offset)[0])
 
     @tf.function
     def backward(dy, x, scale, saved):
@@ -139,10 +143,10 @@ def batch_norm_seconds(shape, batch, repeats=5):
         )  # fmt: skip
         return _first_element(*grads[:3])
 
-    saved = forward(x, scale, offset)[3:]
-    forward_first = tf.function(lambda *inputs: _first_element(forward(*inputs)[0]))
-    forward_s = _median_seconds(forward_first, (x, scale, offset), repeats)
-    return forward_s, _median_seconds(backward, (dy, x, scale, saved), repeats)
+    saved = normalize(x, scale, offset)[3:]
+    return _median_seconds(forward, (x, scale, offset), repeats), _median_seconds(
+        backward, (dy, x, scale, saved), repeats
+    )
 
 
 def _first_element(*tensors):
