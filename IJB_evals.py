@@ -13,12 +13,22 @@ import io
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter (info and warnings) on the console
+
 import numpy as np
 
 import data
 from alignment import ARCFACE_TEMPLATE, face_align_landmarks
 from embedder import load_embedder
-from metrics import FAR_TARGETS, evaluation_1N, l2_normalize, roc_curve, roc_tar_at_far  # noqa: F401
+from metrics import (  # noqa: F401
+    FAR_TARGETS,
+    evaluation_1N,
+    identification_table,
+    l2_normalize,
+    mean_over_galleries,
+    roc_curve,
+    roc_tar_at_far,
+)
 from plot import plot_roc_curves
 from utils import atomic_write, run_main, save_bytes
 
@@ -288,9 +298,7 @@ def run_1n(img_feats, meta, one_n_meta):
     for name, templates, ids in (("gallery_1", g1_templates, g1_ids), ("gallery_2", g2_templates, g2_ids)):
         gallery_feats, _, gallery_unique_ids = _template_subjects(img_feats, meta, templates, ids)
         results[name] = evaluation_1N(probe_feats, gallery_feats, probe_unique_ids, gallery_unique_ids)
-    results["average"] = {
-        key: float(np.mean([results["gallery_1"][key], results["gallery_2"][key]])) for key in results["gallery_1"]
-    }
+    results["average"] = mean_over_galleries([results["gallery_1"], results["gallery_2"]])
     return results
 
 
@@ -314,11 +322,7 @@ def tar_far_table(results, far_targets=FAR_TARGETS):
 
 def one_n_table(results):
     """A Markdown table of ``run_1n`` results: one row per gallery plus the average."""
-    keys = [key for key in next(iter(results.values())) if not key.startswith("num_")]
-    lines = ["| gallery | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
-    for name, values in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{values[key]:.6f}" for key in keys) + " |")
-    return "\n".join(lines)
+    return identification_table(results)
 
 
 # ---------------------------------------------------------------------------------------------------------

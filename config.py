@@ -8,7 +8,9 @@ option is an error that names the closest real ones.
 import dataclasses
 import difflib
 
+import checks
 import data
+from checks import boolean, either, integer, number, one_of, optional, path, sequence_of
 
 
 @dataclasses.dataclass
@@ -37,14 +39,9 @@ class TrainConfig(data.PipelineOptions):
     verbose: int = 1
 
     def __post_init__(self):
-        if not 0 < self.partial_fc_rate <= 1:
-            raise ValueError(f"partial_fc_rate must be in (0, 1], got {self.partial_fc_rate}")
+        checks.check_options(OPTION_RULES, dataclasses.asdict(self), what="Train option")
         if self.partial_fc_rate < 1 and self.mixup_alpha > 0:
             raise ValueError("partial_fc_rate < 1 does not support mixup_alpha > 0")
-        if int(self.gradient_accumulation_steps) < 1 or (
-            self.gradient_clip_norm is not None and self.gradient_clip_norm <= 0
-        ):
-            raise ValueError("gradient_accumulation_steps must be >= 1 and gradient_clip_norm > 0 (or None)")
 
     @classmethod
     def from_options(cls, options):
@@ -56,3 +53,37 @@ class TrainConfig(data.PipelineOptions):
                 hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
                 raise TypeError(f"unknown Train option {key!r}{hint}")
         return cls(**options)
+
+
+# The type and range of every option, checked when a ``TrainConfig`` is made: a bad value is refused before any model
+# or data work, in one line naming the option and the value.
+OPTION_RULES = {
+    "random_status": integer(-1),
+    "random_crop": sequence_of(integer(1), lengths=(2, 3)),
+    "random_cutout_mask_area": number(0, 1),
+    "mixup_alpha": number(0),
+    "image_per_class": integer(0),
+    "cache_dir": optional(path),
+    "verify_images": boolean,
+    "seed": optional(integer()),
+    "batch_size": integer(1),
+    "lr_base": number(0),
+    "lr_decay": number(0),
+    "lr_decay_steps": either(number(0), sequence_of(number(0), lengths=None)),
+    "lr_min": number(0),
+    "lr_warmup_steps": integer(0),
+    "eval_freq": integer(1),
+    "eval_batch_size": integer(1),
+    "eval_image_scale": number(0, low_open=True),
+    "output_weight_decay": number(0),
+    "steps_per_execution": integer(1),
+    "jit_compile": boolean,
+    "mixed_precision": one_of(None, "mixed_float16", "mixed_bfloat16"),
+    "partial_fc_rate": number(0, 1, low_open=True),
+    "fast_kernels": boolean,
+    "gradient_accumulation_steps": integer(1),
+    "gradient_clip_norm": optional(number(0, low_open=True)),
+    "plot_history": boolean,
+    "resume": boolean,
+    "verbose": integer(0, 2),
+}

@@ -14,6 +14,8 @@ import os
 import shutil
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter (info and warnings) on the console
+
 import numpy as np
 
 from embedder import embed_image_files, load_embedder

@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter (info and warnings) on the console
+
 import numpy as np
 
 from utils import atomic_write, run_main

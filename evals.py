@@ -8,9 +8,12 @@ re-exported here because scripts written for earlier versions import them from `
 """
 
 import argparse
+import itertools
 import os
 import sys
 import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter (info and warnings) on the console
 
 import keras
 import numpy as np
@@ -317,23 +320,38 @@ def parse_arguments(argv=None):
 
 
 def _resolve_threshold(args):
-    """``--threshold`` as a number, read from a file, or found next to the model (None when nowhere)."""
+    """``(threshold, where it comes from)``: ``--threshold`` as a number or read from a file, or found next to the
+    model (``(None, None)`` when nowhere)."""
     if args.threshold is None:
         return find_model_threshold(args.model, args.result_dir)
     try:
-        return float(args.threshold)
+        return float(args.threshold), "--threshold"
     except ValueError:
-        return threshold_from_file(args.threshold)
+        return threshold_from_file(args.threshold), f"--threshold {args.threshold}"
 
 
-def _compare_picture_path(result_dir, photos):
+def _compare_picture_path(result_dir, photos, name):
+    """``compare_<model>_<photo>_<photo>[_and_<N>_more][_<K>].png``: the first name no earlier comparison took."""
     stems = [os.path.splitext(os.path.basename(photo))[0] for photo in photos]
     more = f"_and_{len(stems) - 2}_more" if len(stems) > 2 else ""
-    return os.path.join(result_dir, f"compare_{stems[0]}_{stems[1]}{more}.png")
+    base = os.path.join(result_dir, f"compare_{name}_{stems[0]}_{stems[1]}{more}")
+    taken = lambda number: os.path.exists(f"{base}_{number}.png" if number > 1 else base + ".png")  # noqa: E731
+    number = next(number for number in itertools.count(1) if not taken(number))
+    return f"{base}_{number}.png" if number > 1 else base + ".png"
+
+
+def _check_inputs(args):
+    """Missing folders and photos are reported before the model is loaded."""
+    if args.folder and not os.path.isdir(args.folder):
+        raise FileNotFoundError(f"folder of aligned faces not found: {args.folder}")
+    missing = [photo for photo in args.compare or () if not os.path.isfile(photo)]
+    if missing:
+        raise FileNotFoundError(f"photo not found: {', '.join(missing)}")
 
 
 def main(argv=None):
     args = parse_arguments(argv)
+    _check_inputs(args)
     scale, results = 1.0 / args.scale, {}
     is_onnx = args.model.endswith(".onnx")
     if is_onnx and args.test_bin_files:
@@ -357,9 +375,11 @@ def main(argv=None):
             name=name,
         )
     if args.compare:
-        picture = _compare_picture_path(args.result_dir, args.compare)
-        threshold = _resolve_threshold(args)
-        results["compare"] = compare_photos(model, args.compare, threshold, None, args.keep, args.flip, scale, picture)
+        picture = _compare_picture_path(args.result_dir, args.compare, name)
+        threshold, source = _resolve_threshold(args)
+        results["compare"] = compare_photos(
+            model, args.compare, threshold, None, args.keep, args.flip, scale, picture, threshold_source=source
+        )
         print(format_comparison(results["compare"]))
         print(">>>> Saved:", picture)
     return results["bins"] if list(results) == ["bins"] else results  # -t alone keeps its earlier result shape

@@ -19,13 +19,15 @@ import sys
 import tempfile
 import warnings
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter (info and warnings) on the console
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 import data
 import models
-from utils import atomic_write, run_main
+from utils import atomic_write, check_writable_folder, run_main
 
 FORMATS = ("tflite", "saved_model", "onnx")
 QUANTIZATIONS = ("float16", "dynamic", "int8", "uint8")
@@ -293,6 +295,7 @@ def export_model(
             raise ValueError("dest is required when exporting a model object")
         dest = default_dest(model_or_path, format, quant, include_preprocessing, l2_normalize, dynamic_input_size)
     dest = os.fspath(dest)
+    check_writable_folder(dest)
     model = models.load_model(model_or_path, safe_mode=safe_mode)
     representative_images = None
     if quant in INTEGER_QUANTIZATIONS:

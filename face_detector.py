@@ -141,11 +141,13 @@ class FaceDetector:
         return self.detect_batch([image])[0]
 
     def detect_batch(self, images):
-        """Faces of each image of a list; images of equal size share detector calls."""
+        """Faces of each image of a list; images of equal size share detector calls. An image smaller than
+        ``min_face_size`` cannot hold a detectable face: it gets none, without running the detector on it."""
         shrunk = [self._shrink(np.asarray(image)) for image in images]
         groups = {}
         for index, (small, _) in enumerate(shrunk):
-            groups.setdefault(small.shape, []).append(index)
+            if min(small.shape[:2]) >= self.options["min_face_size"]:
+                groups.setdefault(small.shape, []).append(index)
         results = [[] for _ in images]
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):

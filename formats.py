@@ -154,10 +154,11 @@ def _folder_fingerprint(data_path):
     return hash_strings([f"{name}:{mtime}" for name, mtime in entries])
 
 
-def scan_class_folder(data_path):
-    """Index ``root/<class>/<image>`` into ``(image_names, image_classes, class_names)``; empty classes skipped."""
+def scan_class_folder(data_path, what="training data folder"):
+    """Index ``root/<class>/<image>`` into ``(image_names, image_classes, class_names)``; empty classes skipped.
+    ``what`` names the folder in the error when it does not exist."""
     if not os.path.isdir(data_path):
-        raise FileNotFoundError(f"training data folder not found: {data_path}")
+        raise FileNotFoundError(f"{what} not found: {data_path}")
     class_dirs = [entry.name for entry in os.scandir(data_path) if entry.is_dir()]
     class_dirs.sort(key=_class_sort_key(class_dirs))
     image_names, image_classes, class_names = [], [], []

@@ -7,6 +7,8 @@ import time
 
 import keras
 
+PROGRESS_KEYS = ("loss", "accuracy")  # shown as running means of the epoch: the last line is what the history records
+
 
 class EpochLoop:
     """``fit``: epochs of ``run_steps`` calls of ``steps_per_execution`` steps, with callbacks. Subclasses set
@@ -16,7 +18,8 @@ class EpochLoop:
 
     def _epoch(self, model, run_steps, iterator, callbacks, steps_per_epoch):
         """One epoch of steps with batch callbacks; returns ``(epoch logs, steps run)``."""
-        progbar = keras.utils.Progbar(steps_per_epoch, verbose=self.verbose)
+        shown = list(PROGRESS_KEYS)
+        progbar = keras.utils.Progbar(steps_per_epoch, verbose=self.verbose, stateful_metrics=shown)
         totals, step = {}, 0
         while step < steps_per_epoch and not model.stop_training:
             num = min(self.steps_per_execution, steps_per_epoch - step)
@@ -26,7 +29,7 @@ class EpochLoop:
             for key, value in logs.items():
                 totals[key] = totals.get(key, 0.0) + value * num
             callbacks.on_train_batch_end(step - 1, logs)
-            progbar.update(step, [(key, logs[key]) for key in ("loss", "accuracy") if key in logs])
+            progbar.update(step, [(key, totals[key] / step) for key in shown if key in totals])
         return {key: value / max(step, 1) for key, value in totals.items()}, step
 
     def fit(self, model, run_steps, iterator, callbacks, epochs, steps_per_epoch, global_batch_size):

@@ -231,7 +231,8 @@ def evaluation_1N(probe_feats, gallery_feats, probe_ids, gallery_ids, fpir_targe
 
     Gallery subjects have one template each. A mated probe is ranked by the number of non-mated gallery
     templates scoring strictly higher than its mate. The threshold at FPIR f is the ``max(int(n * f) - 1, 0)``-th
-    largest top score of the n non-mated probes; TPIR counts mated probes ranked first and above it.
+    largest top score of the n non-mated probes; TPIR counts mated probes ranked first and above it. A metric that
+    has no probe to measure (top-k without mated probes, TPIR without non-mated ones) is None, not 0.
     """
     probe_ids, gallery_ids = np.asarray(probe_ids), np.asarray(gallery_ids)
     if np.unique(gallery_ids).shape[0] != gallery_ids.shape[0]:
@@ -247,11 +248,48 @@ def evaluation_1N(probe_feats, gallery_feats, probe_ids, gallery_ids, fpir_targe
     non_mate = mated_sim.copy()
     non_mate[np.arange(mate_column.shape[0]), mate_column] = -np.inf
     rank = np.sum(non_mate > mate_score[:, None], axis=1)
-    result = {"num_mated": int(mated.sum()), "num_non_mated": int((~mated).sum())}
+    result = {
+        "num_gallery": int(gallery_ids.shape[0]),
+        "num_mated": int(mated.sum()),
+        "num_non_mated": int((~mated).sum()),
+    }
     for kk in top_k:
-        result[f"top{kk}"] = float(np.mean(rank < kk)) if mated.any() else 0.0
-    non_mated_max = np.sort(similarity[~mated].max(axis=1))[::-1] if (~mated).any() else np.array([np.inf])
+        result[f"top{kk}"] = float(np.mean(rank < kk)) if mated.any() else None
+    non_mated_max = np.sort(similarity[~mated].max(axis=1))[::-1]
     for fpir in fpir_targets:
-        thresh = non_mated_max[max(int(non_mated_max.shape[0] * fpir) - 1, 0)]
-        result[f"tpir@fpir={fpir:g}"] = float(np.mean((rank == 0) & (mate_score > thresh))) if mated.any() else 0.0
+        value = None
+        if mated.any() and non_mated_max.shape[0]:
+            thresh = non_mated_max[max(int(non_mated_max.shape[0] * fpir) - 1, 0)]
+            value = float(np.mean((rank == 0) & (mate_score > thresh)))
+        result[f"tpir@fpir={fpir:g}"] = value
     return result
+
+
+def mean_over_galleries(results):
+    """The mean of each 1:N metric over galleries' ``evaluation_1N`` results, over those that have it (None where
+    none has: e.g. top-1 of galleries without a mated probe); the probe and gallery counts are summed."""
+    first = next(iter(results))
+    mean = {}
+    for key in first:
+        values = [result[key] for result in results if result[key] is not None]
+        if key.startswith("num_"):
+            mean[key] = int(sum(values))
+        else:
+            mean[key] = float(np.mean(values)) if values else None
+    return mean
+
+
+IDENTIFICATION_COUNTS = {"num_gallery": "gallery", "num_mated": "mated probes", "num_non_mated": "non-mated probes"}
+
+
+def identification_table(results):
+    """A Markdown table of 1:N results (``{row name: evaluation_1N dict}``): the gallery and probe counts, then each
+    metric; a metric without probes to measure it is n/a."""
+    keys = [key for key in next(iter(results.values())) if key not in IDENTIFICATION_COUNTS]
+    header = ["gallery", *IDENTIFICATION_COUNTS.values(), *keys]
+    lines = ["| " + " | ".join(header) + " |", "| --- " * len(header) + "|"]
+    for name, values in results.items():
+        counts = [str(values.get(key, "")) for key in IDENTIFICATION_COUNTS]
+        cells = ["n/a" if values[key] is None else f"{values[key]:.6f}" for key in keys]
+        lines.append(f"| {name} | " + " | ".join(counts + cells) + " |")
+    return "\n".join(lines)

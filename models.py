@@ -550,8 +550,40 @@ def load_model(model, custom_objects=None, compile=False, safe_mode=True):
     if isinstance(model, keras.Model):
         return model
     path = os.fspath(model)
+    _check_model_file(path)
+    try:
+        return keras.models.load_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+    except (TypeError, KeyError, AttributeError) as err:  # a saved configuration this Python / Keras cannot rebuild
+        raise ValueError(f"{path}: cannot rebuild the saved model: {_rebuild_failure(err)}") from None
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_model_file(path):
+    """A clear error for a missing file, an unknown extension, or a file whose content is not what its extension
+    says (Keras would report a text file named ``.keras`` as "File not found")."""
+    import zipfile
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model not found: {path}")
     if not path.endswith((".keras", ".h5", ".hdf5")):
         raise ValueError(f"unsupported model file {path!r}: expected a .keras or .h5 file")
-    return keras.models.load_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a Keras model file (a .keras model is a zip archive, this file is not one)")
+    if not path.endswith(".keras"):
+        with open(path, "rb") as ff:
+            if ff.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+                raise ValueError(f"{path}: not a Keras model file (a .h5 model is an HDF5 file, this file is not one)")
+
+
+def _rebuild_failure(err):
+    """The layer class and the root error of Keras' chain of deserialization errors, as one short phrase."""
+    chain = [err]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    matches = [re.search(r"\.(\w+)'> could not be deserialized", str(link)) for link in chain]
+    layers = [match.group(1) for match in matches if match]
+    root = chain[-1]
+    where = f"its {layers[-1]} layer " if layers else ""
+    return f"{where}failed with {type(root).__name__}: {' '.join(str(root).split())}"

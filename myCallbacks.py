@@ -14,6 +14,7 @@ import warnings
 import keras
 import numpy as np
 
+from run_state import write_run_state
 from utils import atomic_write, load_json, save_json
 
 
@@ -183,39 +184,62 @@ class MyHistory(keras.callbacks.Callback):
         """Keep only the first ``num_epochs`` entries (used when resuming or restarting from an earlier epoch)."""
         self.history = {key: values[:num_epochs] for key, values in self.history.items()}
 
+    def replace(self, history, num_epochs):
+        """Take the first ``num_epochs`` epochs of ``history`` as the run's history, and write it."""
+        self.history = history
+        self.truncate(num_epochs)
+        self._save()
+
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         model = getattr(self, "_model", None)
         if "lr" not in logs and model is not None and getattr(model, "optimizer", None) is not None:
             logs["lr"] = keras.ops.convert_to_numpy(model.optimizer.learning_rate)
-        filled = self.completed_epochs
-        for key, value in logs.items():
-            value = float(np.asarray(value))
-            values = self.history.setdefault(key, [])
-            values.extend([None] * (filled - len(values)))  # a key that appears late keeps epoch alignment
-            values.append(value)
+        self.history = history_with_epoch(self.history, logs)
+        self._save()
+
+    def _save(self):
         if self.initial_file:
             save_json(self.initial_file, self.history, indent=1)
 
 
-class AtomicCheckpoint(keras.callbacks.Callback):
-    """Save the model to ``filepath`` at every epoch end, atomically; skipped when the epoch's loss is not finite."""
+def history_with_epoch(history, logs):
+    """A copy of ``history`` (per-epoch lists) with one more epoch of ``logs``, as floats; a key that appears late is
+    padded with None, so that every list stays aligned with the epochs."""
+    filled = len(history.get("loss", []))
+    recorded = {key: list(values) for key, values in history.items()}
+    for key, value in logs.items():
+        values = recorded.setdefault(key, [])
+        values.extend([None] * (filled - len(values)))
+        values.append(float(np.asarray(value)))
+    return recorded
 
-    def __init__(self, filepath, save_model=None):
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Save the model to ``filepath`` at every epoch end, atomically; skipped when the epoch's loss is not finite.
+
+    ``run_state(epoch, logs) -> (state, arrays)``, when given, is stored inside the checkpoint (``run_state``), so
+    that the one rename of the file commits the epoch's weights, optimizer and record together."""
+
+    def __init__(self, filepath, save_model=None, run_state=None):
         super().__init__()
-        self.filepath, self.save_model = filepath, save_model
+        self.filepath, self.save_model, self.run_state = filepath, save_model, run_state
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and not _is_finite(logs.get("loss", 0.0)):
             return
-        save_model_atomic(self.save_model or self._model, self.filepath)
+        extra = self.run_state(epoch, logs or {}) if self.run_state else None
+        save_model_atomic(self.save_model or self._model, self.filepath, extra)
 
 
-def save_model_atomic(model, filepath):
-    """``model.save`` through a temporary file of the same extension, then rename (.keras or .h5)."""
+def save_model_atomic(model, filepath, state=None):
+    """``model.save`` through a temporary file of the same extension, then rename (.keras or .h5); ``state``
+    ``(state dict, arrays)`` is added to the file before the rename."""
     with atomic_write(filepath) as tmp_path:
         os.remove(tmp_path)  # Keras refuses to overwrite some formats in place
         model.save(tmp_path)
+        if state is not None:
+            write_run_state(tmp_path, *state)
 
 
 class GentlyStop(keras.callbacks.Callback):

@@ -4,12 +4,20 @@ identification with a gallery of each identity) and photos compared with each ot
 """
 
 import os
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
 import data
-from metrics import balanced_best_threshold, evaluation_1N, l2_normalize, roc_tar_at_far
+from metrics import (
+    balanced_best_threshold,
+    evaluation_1N,
+    identification_table,
+    l2_normalize,
+    mean_over_galleries,
+    roc_tar_at_far,
+)
 from utils import atomic_write
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,8 +121,7 @@ def folder_identification(embeddings, labels, gallery, half, fpir_targets=FOLDER
         results[f"gallery_{index + 1}"] = evaluation_1N(
             embeddings[probes], l2_normalize(templates), labels[probes], ids, fpir_targets, top_k
         )
-    first, second = results["gallery_1"], results["gallery_2"]
-    results["mean"] = {key: (first[key] + second[key]) / 2 for key in first if not key.startswith("num_")}
+    results["mean"] = mean_over_galleries([results["gallery_1"], results["gallery_2"]])
     return results
 
 
@@ -160,12 +167,38 @@ def format_folder_table(results):
         "| " + " | ".join(_cell(verification[key]) for key in keys) + " |",
         "",
         "1:N identification",
+        identification_table(results["identification"]),
     ]
-    rows = results["identification"]
-    keys = [key for key in rows["mean"]]
-    lines += ["| gallery | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(_cell(row[key]) for key in keys) + " |" for name, row in rows.items()]
     return "\n".join(lines)
+
+
+CROP_SIZE = (112, 112)  # what prepare_data.py --align writes by default
+SIZE_CHECKS = 1000  # images whose size is read (spread over the folder); headers only
+
+
+def warn_if_not_face_crops(folder, image_names, model_size=None):
+    """Warn when images of ``folder`` are neither 112x112 nor the model's input size: raw photos evaluated as if they
+    were aligned crops give meaningless scores without any error."""
+    from PIL import Image
+
+    picked = image_names[:: max(1, len(image_names) // SIZE_CHECKS)]
+    expected = {CROP_SIZE, tuple(model_size or CROP_SIZE)}
+    odd = []
+    for name in picked:
+        try:
+            with Image.open(name) as image:
+                size = image.height, image.width
+        except OSError:  # unreadable: the embedding step names it
+            continue
+        if size not in expected:
+            odd.append(f"{os.path.relpath(name, folder)} is {size[1]}x{size[0]}")
+    if odd:
+        sizes = " or ".join(f"{width}x{height}" for height, width in sorted(expected))
+        warnings.warn(
+            f"{len(odd)} of {len(picked)} images checked in {folder} are not {sizes} face crops (e.g. {odd[0]}): "
+            "--folder expects aligned faces; align photos first with python prepare_data.py --align PHOTOS -o FACES",
+            stacklevel=2,
+        )
 
 
 def _embed_folder(embedder, image_names, batch_size, flip, image_scale):
@@ -216,10 +249,11 @@ def evaluate_folder(
     """
     from embedder import load_embedder
 
-    image_names, labels, class_names = data.scan_class_folder(folder)
+    image_names, labels, class_names = data.scan_class_folder(folder, what="folder of aligned faces")
     if len(class_names) < 2:
         raise ValueError(f"{folder}: a folder evaluation needs at least 2 identity folders")
     embedder = load_embedder(model)
+    warn_if_not_face_crops(folder, image_names, embedder.image_size)
     embeddings = _embed_folder(embedder, image_names, batch_size, flip, image_scale)
     results, roc, split = folder_metrics(embeddings, labels, max_pairs, gallery_per_identity, seed)
     name = name or model_name(model)
@@ -265,20 +299,23 @@ def threshold_from_file(spec):
 
 
 def find_model_threshold(model_path, result_dir=RESULT_DIR):
-    """The threshold recorded for a model file, or None: its newest folder evaluation in ``result_dir``, else the
-    training history next to a ``<stem>_basic_<bin>_epoch_<E>_<acc>.keras`` file saved by the trainer."""
+    """``(threshold, where it comes from)`` recorded for a model file, or ``(None, None)``: its newest folder
+    evaluation in ``result_dir``, else the training history next to a ``<stem>_basic_<bin>_epoch_<E>_<acc>.keras``
+    file saved by the trainer (the threshold of the epoch with the best accuracy on that bin)."""
     import glob
     import re
 
     stem = model_name(model_path)
     evaluations = sorted(glob.glob(os.path.join(glob.escape(result_dir), glob.escape(stem) + "_*_folder.json")))
     if evaluations:
-        return threshold_from_file(max(evaluations, key=os.path.getmtime))
+        newest = max(evaluations, key=os.path.getmtime)
+        return threshold_from_file(newest), f"the folder evaluation {newest}"
     match = re.match(r"(?P<prefix>.+?)_basic_(?P<bin>.+?)_epoch_\d+", stem)
     history = match and os.path.join(os.path.dirname(os.fspath(model_path)), match["prefix"] + "_hist.json")
     if history and os.path.exists(history):
-        return threshold_from_file(f"{history}:{match['bin']}")
-    return None
+        source = f"the training history {history} (best {match['bin']} epoch)"
+        return threshold_from_file(f"{history}:{match['bin']}"), source
+    return None, None
 
 
 def compare_photos(
@@ -290,9 +327,11 @@ def compare_photos(
     flip=True,
     image_scale=data.SEEDS_SCALE,
     save_path=None,
+    threshold_source=None,
 ):
     """Detect, align and embed the face of each photo; return a dict with the cosine ``similarity`` matrix of the
-    faces, with a ``threshold`` which pairs are the ``same`` person (score > threshold), and the aligned ``crops``.
+    faces, with a ``threshold`` (from ``threshold_source``, a phrase for the printout) which pairs are the ``same``
+    person (score > threshold), and the aligned ``crops``.
 
     ``keep`` picks the face of a photo with several (``"largest"`` or ``"central"``). ``save_path`` also saves a
     picture of the aligned crops with the scores. A photo without a face raises a ValueError naming it.
@@ -319,6 +358,7 @@ def compare_photos(
         "photos": [str(p) for p in photos],
         "similarity": similarity.tolist(),
         "threshold": threshold,
+        "threshold_source": threshold_source,
         "same": same,
         "crops": crops,
     }
@@ -343,5 +383,6 @@ def format_comparison(result):
             score = result["similarity"][first][second]
             verdict = "" if threshold is None else (" same" if score > threshold else " different")
             lines.append(f"{names[first]} vs {names[second]}: {score:.4f}{verdict}")
-    lines.append("no threshold: pass --threshold" if threshold is None else f"threshold {threshold:.4f}")
+    source = f" (from {result['threshold_source']})" if result.get("threshold_source") else ""
+    lines.append("no threshold: pass --threshold" if threshold is None else f"threshold {threshold:.4f}{source}")
     return "\n".join(lines)

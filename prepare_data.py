@@ -18,6 +18,8 @@ import sys
 import warnings
 from collections import Counter, namedtuple
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter (info and warnings) on the console
+
 import numpy as np
 
 from utils import atomic_write, run_main, save_bytes
@@ -319,6 +321,28 @@ def _sample_unique_pairs(draw, count, rng, what):
     return sorted(pairs)
 
 
+def check_pair_counts(labels, num_pairs, where):
+    """Fail before any work when images of the classes ``labels`` cannot give ``num_pairs`` distinct pairs, half
+    genuine (same class) and half impostor."""
+    sizes = np.bincount(np.asarray(labels, np.int64))
+    genuine = int((sizes * (sizes - 1) // 2).sum())
+    impostor = len(labels) * (len(labels) - 1) // 2 - genuine
+    need_genuine, need_impostor = num_pairs // 2, num_pairs - num_pairs // 2
+    if need_genuine < 1 or genuine < need_genuine or impostor < need_impostor:
+        raise ValueError(
+            f"{where}: {num_pairs} pairs need {need_genuine} genuine and {need_impostor} impostor pairs, its "
+            f"{len(labels)} images of {np.count_nonzero(sizes)} identities allow {genuine} and {impostor}: "
+            "use fewer --pairs (at least 2) or more images"
+        )
+
+
+def check_pairs_of_photos(raw_dir, num_pairs):
+    """Before aligning ``raw_dir`` for a ``.bin``: its photos, one crop each at most, can give ``num_pairs`` pairs."""
+    from data import scan_class_folder
+
+    check_pair_counts(scan_class_folder(raw_dir, what="photo folder")[1], num_pairs, raw_dir)
+
+
 def make_bin_from_folder(folder, dest_path, num_pairs=3000, seed=0):
     """Build a verification ``.bin`` from ``folder/<class>/<image>``: ``num_pairs // 2`` genuine (same class) and
     the rest impostor pairs, distinct and in shuffled order; image bytes are copied from the files unchanged.
@@ -326,11 +350,10 @@ def make_bin_from_folder(folder, dest_path, num_pairs=3000, seed=0):
     from data import scan_class_folder, write_bin
 
     paths, labels, class_names = scan_class_folder(folder)
+    check_pair_counts(labels, num_pairs, folder)
     by_class = [np.flatnonzero(labels == label) for label in range(len(class_names))]
     multi = [members for members in by_class if len(members) >= 2]
     num_genuine = num_pairs // 2
-    if num_pairs < 2 or not multi or len(class_names) < 2:
-        raise ValueError(f"{folder}: need num_pairs >= 2, >= 2 classes and a class with >= 2 images")
     rng = np.random.default_rng(seed)
 
     def draw_genuine(rng):
@@ -475,7 +498,7 @@ def align_folder(raw_dir, out_dir, image_size=(112, 112), keep="largest", worker
     raw_root, out_root = os.path.realpath(raw_dir), os.path.realpath(out_dir)
     if os.path.commonpath([raw_root, out_root]) == raw_root:
         raise ValueError(f"the output folder {out_dir} must not be inside the photo folder {raw_dir}")
-    paths, _, _ = scan_class_folder(raw_dir)
+    paths, _, _ = scan_class_folder(raw_dir, what="photo folder")
     rel_paths = [os.path.relpath(path, raw_dir) for path in paths]
     options = {"image_size": [int(size) for size in image_size], "keep": keep, "detector": "mtcnn"}
     _check_align_options(out_dir, options)
@@ -627,6 +650,8 @@ def main(argv=None):
     if args.bin_from_folder:
         print(">>>> Bin:", make_bin_from_folder(args.bin_from_folder, args.output, args.pairs, args.seed))
     if args.align:
+        if args.bin and args.keep != "all":  # one crop per photo at most: the photos bound the pairs
+            check_pairs_of_photos(args.align, args.pairs)
         size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
         print(">>>> Aligned:", align_folder(args.align, args.output, size, args.keep, args.workers or None))
         if args.bin:

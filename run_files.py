@@ -1,9 +1,12 @@
 """A training run's files: where they live, who writes them, and whether an interrupted run can resume.
 
 ``save_path`` names the full model; a bare name goes to ``checkpoints/``. Next to it: ``<stem>_hist.json`` (the
-history), ``<stem>_hist.png`` (its plot), ``<stem>_centers.npy`` (center-loss centers) and ``<stem>_basic_<bin>_epoch_<E>_<acc>.keras`` (the best
-basic model). Every file is written atomically. Under ``MultiWorkerMirroredStrategy`` worker 0 (or the chief)
-writes these; the other workers write theirs into ``worker_<i>/`` so the chief's files are never clobbered.
+history), ``<stem>_hist.png`` (its plot), ``<stem>_centers.npy`` (center-loss centers),
+``<stem>_basic_<bin>_epoch_<E>_<acc>.keras`` (the best basic model) and ``<save_path>.lock`` (the run that owns them).
+Every file is written atomically. The checkpoint also holds the run's state (completed epochs, history, centers:
+``run_state``): it is the record of what is done, and the side files are reconciled with it when a run resumes.
+Under ``MultiWorkerMirroredStrategy`` worker 0 (or the chief) writes these; the other workers write theirs into
+``worker_<i>/`` so the chief's files are never clobbered.
 """
 
 import os
@@ -12,6 +15,9 @@ import keras
 import numpy as np
 
 import myCallbacks
+import run_lock
+import run_state
+from utils import atomic_write, temp_file_target
 
 
 def resolve_save_path(save_path):
@@ -68,16 +74,53 @@ class RunFiles:
         self.cache_dir = os.path.join(self.save_dir, ".cache")
         os.makedirs(self.save_dir, exist_ok=True)
 
-    def can_resume(self, history):
-        """True when an earlier run of this ``save_path`` left a checkpoint and at least one epoch of history."""
-        return os.path.exists(self.save_path) and history.completed_epochs > 0
+    def claim(self):
+        """Take the run's lock (one live run per save path, else ``run_lock.RunLockedError``) and delete the
+        temporary files that a killed run of this save path left behind."""
+        self._lock = run_lock.RunLock(self.save_path + ".lock").acquire()
+        own = {os.path.basename(path) for path in (self.save_path, self.hist_path, self.hist_plot_path)}
+        own.add(os.path.basename(self.centers_path))
+        for name in os.listdir(self.save_dir):
+            target = temp_file_target(name)
+            if target and (target in own or target.startswith(self.stem + "_basic_")):
+                os.remove(os.path.join(self.save_dir, name))
 
-    def checkpoint_callbacks(self, center_loss=None):
-        """The full-model checkpoint and, with a center loss, the centers file, both saved at each epoch end."""
-        savers = [myCallbacks.AtomicCheckpoint(self.save_path)]
+    def reconcile(self, history):
+        """True when an earlier run of this ``save_path`` left a checkpoint to resume from. The checkpoint's record of
+        completed epochs wins: ``history`` (and its file) and the centers file are made to agree with it, whatever
+        write a crash interrupted. A checkpoint without a stored state falls back to the history file."""
+        if not os.path.exists(self.save_path):
+            return False
+        state, arrays = run_state.read_run_state(self.save_path)
+        if state is None:
+            return history.completed_epochs > 0
+        epochs = int(state["epochs"])
+        if history.completed_epochs != epochs:
+            print(f">>>> {self.hist_path} had {history.completed_epochs} epochs, the checkpoint {epochs}: following it")
+            history.replace(state["history"] if history.completed_epochs < epochs else history.history, epochs)
+        if "centers" in arrays:
+            with atomic_write(self.centers_path, suffix=".npy") as tmp_path:
+                np.save(tmp_path, arrays["centers"])
+        return epochs > 0
+
+    def checkpoint_callbacks(self, history, center_loss=None):
+        """The full-model checkpoint (holding the run's state: ``history`` with this epoch, the centers) and, with a
+        center loss, the centers file, both saved at each epoch end."""
+        savers = [myCallbacks.AtomicCheckpoint(self.save_path, run_state=_state_of(history, center_loss))]
         if center_loss is not None:
             savers.append(CenterSaver(center_loss, self.centers_path))
         return savers
+
+
+def _state_of(history, center_loss):
+    """``state(epoch, logs) -> (state, arrays)``: what the checkpoint of an epoch stores besides the model."""
+
+    def state(epoch, logs):
+        recorded = myCallbacks.history_with_epoch(history.history, logs)
+        arrays = {} if center_loss is None else {"centers": keras.ops.convert_to_numpy(center_loss.centers)}
+        return {"epochs": len(recorded.get("loss", [])), "history": recorded}, arrays
+
+    return state
 
 
 class CenterSaver(keras.callbacks.Callback):

@@ -12,6 +12,7 @@ import re
 
 import keras
 
+import checks
 import data
 import losses
 import models
@@ -89,6 +90,33 @@ def check_stage_keys(stage):
     unknown = sorted(set(stage) - known)
     if unknown:
         raise ValueError(f"scheduler dict has unknown key(s) {unknown}; known keys: {sorted(known)}")
+    checks.check_options(_stage_rules(), stage, what="scheduler key")
+
+
+def _optimizer_or_name(value):
+    if value is None or isinstance(value, str | keras.optimizers.Optimizer):
+        return None
+    return f"expected an optimizer or its name, got {type(value).__name__}"
+
+
+def _loss_or_name(value):
+    return None if isinstance(value, str) or callable(value) else f"expected a loss, got {type(value).__name__}"
+
+
+def _stage_rules():
+    """The type and range of the scheduler keys: auxiliary outputs' weights are numbers >= 0."""
+    rules = {key: checks.number(0) for key in outputs.scheduler_keys()}
+    head_types = [kind.head_type for kind in outputs.OUTPUT_KINDS]
+    rules.update(
+        loss=_loss_or_name,
+        epoch=checks.integer(0),
+        optimizer=_optimizer_or_name,
+        bottleneckOnly=checks.boolean,
+        type=checks.optional(checks.one_of(*head_types)),
+        lossWeight=checks.number(0),
+        lossTopK=checks.integer(1),
+    )
+    return rules
 
 
 class StageBuilder:

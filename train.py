@@ -70,11 +70,12 @@ class Train:
         self.runner = make_runner(config)
         self.strategy = getattr(self.runner, "strategy", None)  # tf.distribute's, on TensorFlow
         self.files = RunFiles(save_path, self.strategy)
+        self.files.claim()  # one live run per save path; a killed run's temporary files are removed
         self.save_path, self.hist_path, self.is_chief = self.files.save_path, self.files.hist_path, self.files.is_chief
         self.eval_paths, self.custom_callbacks = list(eval_paths or []), list(callbacks or [])
         self.global_batch_size = config.batch_size * self.runner.replicas
         self.history = myCallbacks.MyHistory(self.files.hist_path)
-        self._resume_pending = config.resume and self.files.can_resume(self.history)
+        self._resume_pending = config.resume and self.files.reconcile(self.history)
         self._first_train, self.stop_reason, self.model, self.optimizer = True, None, None, None
         self.stage_epochs = []
         if self._resume_pending:
@@ -170,7 +171,12 @@ class Train:
             config.lr_base, config.lr_decay, config.lr_decay_steps, config.lr_min, config.lr_warmup_steps,
             updates_per_epoch,
         )  # fmt: skip
-        callbacks = [lr_scheduler, nan_guard, *self.files.checkpoint_callbacks(stage.center_loss), *self.evaluators]
+        callbacks = [
+            lr_scheduler,
+            nan_guard,
+            *self.files.checkpoint_callbacks(self.history, stage.center_loss),
+            *self.evaluators,
+        ]
         callbacks += [self.history, myCallbacks.UnreadableImagesReport(train_ds.skipped)]
         if config.plot_history and self.is_chief:
             callbacks.append(

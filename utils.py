@@ -8,6 +8,7 @@ moment leaves either the old file or the new one, never a half-written one. Ever
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -34,6 +35,29 @@ def atomic_write(path, suffix=None):
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+# ``.<target name>.<8 random characters of mkstemp>.tmp[.<extension>]``: the temporary files of ``atomic_write``
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")
+
+
+def temp_file_target(name):
+    """The name of the file the ``atomic_write`` temporary file ``name`` was to become; None for other names."""
+    match = _TEMP_NAME.match(name)
+    return match and match["target"]
+
+
+def check_writable_folder(path):
+    """Fail now, not after a long computation, when the folder that is to hold the file ``path`` cannot be created
+    or written to (a missing parent that is a file, a read-only file system, no permission)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err} ({folder})") from None
 
 
 def save_json(path, obj, **kwargs):

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Speed of the "your own photos" tools, printed as one JSON line, and the README's figure of aligned crops.
 
-- ``align``: ``prepare_data.align_folder`` on N raw 250x250 JPEG photos (the two real faces that ship with
-  scikit-image, under random similarity transforms, 20 photos per folder); images/s after the detector is built
-  and warmed up, with the load average before and after.
+- ``align``: ``prepare_data.align_folder`` on N raw JPEG photos of ``--size`` x ``--size`` pixels (default 250;
+  3000 for 9-megapixel phone photos): the two real faces that ship with scikit-image, under random similarity
+  transforms, 20 photos per folder; images/s after the detector is built and warmed up, with the load average before
+  and after.
 - ``folder``: ``evals.evaluate_folder`` on N aligned 112x112 faces (the demo renderer's, 20 per identity) with
   a MobileFaceNet (GDC, emb 256): total seconds, and the seconds of the metrics alone.
 - ``figure PATH``: photos with their detected landmarks above the aligned crops.
 
-Usage: ``python bench/photo_pipeline.py align [--images 1000] [--workers 2]``,
+Usage: ``python bench/photo_pipeline.py align [--images 1000] [--workers 2] [--size 250]``,
 ``python bench/photo_pipeline.py folder [--images 1000]``, ``python bench/photo_pipeline.py figure out.png``.
 """
 
@@ -34,10 +35,11 @@ def real_faces():
 
 
 def random_photo(face, rng, size=250):
-    """``face`` scaled, rotated and shifted into a ``size`` x ``size`` photo on a random background."""
+    """``face`` scaled, rotated and shifted into a ``size`` x ``size`` photo on a random background (the face takes the
+    same share of the photo at any size)."""
     from skimage.transform import SimilarityTransform, warp
 
-    scale, angle = rng.uniform(0.45, 0.8), rng.uniform(-0.3, 0.3)
+    scale, angle = rng.uniform(0.45, 0.8) * size / 250, rng.uniform(-0.3, 0.3)
     center = SimilarityTransform(scale=scale, rotation=angle)(np.array([[256.0, 200.0]]))[0]
     shift = np.array([size / 2, size / 2]) - center + rng.uniform(-20, 20, 2)
     transform = SimilarityTransform(scale=scale, rotation=angle, translation=shift)
@@ -45,7 +47,7 @@ def random_photo(face, rng, size=250):
     return photo.astype(np.uint8)
 
 
-def make_raw_folder(root, num_images, per_folder=20, seed=0):
+def make_raw_folder(root, num_images, per_folder=20, seed=0, size=250):
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -53,18 +55,18 @@ def make_raw_folder(root, num_images, per_folder=20, seed=0):
     for index in range(num_images):
         folder = os.path.join(root, str(index // per_folder))
         os.makedirs(folder, exist_ok=True)
-        photo = random_photo(faces[index // per_folder % 2], rng)
+        photo = random_photo(faces[index // per_folder % 2], rng, size)
         Image.fromarray(photo).save(os.path.join(folder, f"{index}.jpg"), quality=92)
 
 
-def bench_align(num_images, workers):
+def bench_align(num_images, workers, size=250):
     import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, out = os.path.join(tmp, "raw"), os.path.join(tmp, "aligned")
-        make_raw_folder(raw, num_images)
+        make_raw_folder(raw, num_images, size=size)
         detector = face_detector.FaceDetector()
-        detector.detect_batch([np.zeros((250, 250, 3), np.uint8)] * 2)  # build the graphs before timing
+        detector.detect_batch([np.zeros((size, size, 3), np.uint8)] * 2)  # build the graphs before timing
         load_before = os.getloadavg()
         start = time.perf_counter()
         summary = prepare_data.align_folder(raw, out, workers=workers, detector=detector)
@@ -74,6 +76,7 @@ def bench_align(num_images, workers):
         "align_images": num_images,
         "align_seconds": round(seconds, 2),
         "align_images_per_s": round(num_images / seconds, 1),
+        "photo_size": size,
         "workers": workers or os.cpu_count(),
         "load_before": load_before,
         "load_after": os.getloadavg(),
@@ -148,9 +151,10 @@ def main(argv=None):
     parser.add_argument("path", nargs="?", default="photos.png", help="figure: output PNG")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=0, help="align: decode / save threads (0: one per core)")
+    parser.add_argument("--size", type=int, default=250, help="align: photo width and height in pixels")
     args = parser.parse_args(argv)
     if args.what == "align":
-        print(json.dumps(bench_align(args.images, args.workers or None)))
+        print(json.dumps(bench_align(args.images, args.workers or None, args.size)))
     elif args.what == "folder":
         print(json.dumps(bench_folder(args.images)))
     else:

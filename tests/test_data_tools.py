@@ -213,7 +213,7 @@ def test_make_bin_from_folder(class_folder, tmp_path):
         assert (owner[aa] == owner[bb]) == same and aa != bb
         pairs.add(frozenset((aa, bb)))
     assert len(pairs) == 11
-    with pytest.raises(ValueError, match="distinct genuine pairs"):
+    with pytest.raises(ValueError, match="40 pairs need 20 genuine and 20 impostor pairs, its .* allow 9 and "):
         prepare_data.make_bin_from_folder(class_folder, dest, num_pairs=40)  # only 9 genuine pairs exist
 
 

@@ -396,6 +396,30 @@ def test_cli_errors_are_one_line_with_status_2(bin_case, model, tmp_path, capsys
         assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_files_that_are_not_models_and_unrebuildable_models_are_one_line(bin_case, tmp_path, capsys):
+    path, _, _ = bin_case
+    (tmp_path / "notes.keras").write_text("not a model\n")
+    (tmp_path / "notes.h5").write_text("not a model\n")
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    doubled = keras.layers.Lambda(lambda x, factor=2.0: x * factor, name="embedding")(keras.layers.Flatten()(inputs))
+    keras.Model(inputs, doubled).save(tmp_path / "lambda.keras")  # Keras 3.15 cannot rebuild a lambda's defaults
+    for argv, message in [
+        (
+            ["-m", str(tmp_path / "notes.keras"), "--folder", str(tmp_path / "faces")],
+            "folder of aligned faces not found",
+        ),
+        (["-m", str(tmp_path / "notes.keras"), "-t", path], "notes.keras: not a Keras model file (a .keras model is"),
+        (["-m", str(tmp_path / "notes.h5"), "-t", path], "notes.h5: not a Keras model file (a .h5 model is"),
+        (
+            ["-m", str(tmp_path / "lambda.keras"), "--unsafe_load", "-t", path],
+            "lambda.keras: cannot rebuild the saved model: its Lambda layer failed with TypeError: arg 4 (defaults)",
+        ),
+    ]:
+        assert utils.run_main(evals.main, argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+
+
 @pytest.mark.slow
 def test_cli_script_exits_2_on_a_corrupt_bin(bin_case, tmp_path):
     path, _, _ = bin_case

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import demo_data
 import export
+import utils
 
 SIZE = 48
 EMB = 64
@@ -196,6 +197,21 @@ def test_missing_representative_data_fails_before_any_work(model, tmp_path, monk
     with pytest.raises(FileNotFoundError, match="representative data not found: .*nowhere"):
         export.export_model(model, tmp_path / "q.tflite", quant="int8", representative_data=tmp_path / "nowhere")
     assert_no_leftovers(tmp_path)
+
+
+def test_an_unwritable_destination_fails_before_any_work(model, tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("conversion work started before the destination was checked")
+
+    model_path = str(tmp_path / "basic.keras")
+    model.save(model_path)
+    monkeypatch.setattr(export.models, "load_model", no_work)
+    monkeypatch.setattr(export, "build_deploy_model", no_work)
+    (tmp_path / "a_file").write_text("x")
+    dest = str(tmp_path / "a_file" / "x.tflite")  # its folder would be a file: even root cannot write there
+    assert utils.run_main(export.main, ["-m", model_path, "-o", dest]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"cannot write {dest}: " in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -349,10 +349,28 @@ def test_align_cli_errors_are_one_line(raw_folder, tmp_path, capsys):
         timeout=120,
     )
     assert missing.returncode == 2
-    assert missing.stderr.strip().count("\n") == 0 and "not found" in missing.stderr
+    assert (
+        missing.stderr.strip().count("\n") == 0 and f"photo folder not found: {tmp_path / 'nowhere'}" in missing.stderr
+    )
     with pytest.raises(SystemExit):
         prepare_data.main(["--align", raw_folder])  # no -o
     assert "need -o" in capsys.readouterr().err
     with pytest.raises(ValueError, match="must not be inside the photo folder"):
         prepare_data.align_folder(raw_folder, os.path.join(raw_folder, "aligned"))
     assert not os.path.exists(os.path.join(raw_folder, "aligned"))
+
+
+def test_align_checks_the_bin_pairs_before_aligning(raw_folder, tmp_path):
+    out = str(tmp_path / "aligned")
+    with pytest.raises(ValueError, match=r"1000 pairs need 500 genuine and 500 impostor pairs, its 9 images"):
+        prepare_data.main(["--align", raw_folder, "-o", out, "--bin", str(tmp_path / "x.bin"), "--pairs", "1000"])
+    assert not os.path.exists(out)  # nothing aligned, nothing written
+
+
+def test_images_smaller_than_a_face_never_reach_the_detector(detector, monkeypatch):
+    calls = []
+    run = detector._run
+    monkeypatch.setattr(detector, "_run", lambda images: calls.append(len(images)) or run(images))
+    tiny = [np.full((size, 30, 3), 128, np.uint8) for size in (1, 12, 19)]
+    assert detector.detect_batch(tiny) == [[], [], []] and calls == []
+    assert detector.detect_batch(tiny + [skimage.data.astronaut()])[3] and calls == [1]

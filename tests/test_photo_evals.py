@@ -253,14 +253,17 @@ def test_threshold_from_folder_evaluation_or_training_history(tmp_path):
     os.makedirs(checkpoints)
     model_path = checkpoints / "run_basic_lfw_epoch_2_0.900000.keras"
     model_path.write_bytes(b"")
-    assert photo_evals.find_model_threshold(str(model_path), str(tmp_path / "results")) is None
+    assert photo_evals.find_model_threshold(str(model_path), str(tmp_path / "results")) == (None, None)
     history = {"loss": [3.0, 2.0, 1.5], "lfw": [0.8, 0.9, 0.85], "lfw_thresh": [0.1, 0.2, 0.3]}
     (checkpoints / "run_hist.json").write_text(json.dumps(history))
-    assert photo_evals.find_model_threshold(str(model_path), str(tmp_path / "results")) == 0.2  # the kept epoch's
+    threshold, source = photo_evals.find_model_threshold(str(model_path), str(tmp_path / "results"))
+    assert threshold == 0.2 and source == f"the training history {checkpoints / 'run_hist.json'} (best lfw epoch)"
     os.makedirs(tmp_path / "results")
     folder_result = {"verification": {"threshold": 0.42}}
-    (tmp_path / "results" / "run_basic_lfw_epoch_2_0.900000_mine_folder.json").write_text(json.dumps(folder_result))
-    assert photo_evals.find_model_threshold(str(model_path), str(tmp_path / "results")) == 0.42
+    folder_file = tmp_path / "results" / "run_basic_lfw_epoch_2_0.900000_mine_folder.json"
+    folder_file.write_text(json.dumps(folder_result))
+    threshold, source = photo_evals.find_model_threshold(str(model_path), str(tmp_path / "results"))
+    assert threshold == 0.42 and source == f"the folder evaluation {folder_file}"
     two_bins = {**history, "cfp_fp": [0.7, 0.6, 0.75], "cfp_fp_thresh": [0.5, 0.6, 0.7]}
     (tmp_path / "two_hist.json").write_text(json.dumps(two_bins))
     assert photo_evals.threshold_from_file(f"{tmp_path / 'two_hist.json'}:cfp_fp") == 0.7
@@ -276,19 +279,57 @@ def test_cli_folder_and_compare(demo_small, photos, tmp_path, capsys):
     tiny_model(112).save(model_path)
     results_dir = str(tmp_path / "results")
     folder = demo_small["train_dir"]
-    results = evals.main(["-m", model_path, "--folder", folder, "--result_dir", results_dir, "--max_pairs", "300"])
+    with pytest.warns(UserWarning, match=r"120 of 120 images checked in .* are not 112x112 face crops \(e\.g\. "):
+        results = evals.main(["-m", model_path, "--folder", folder, "--result_dir", results_dir, "--max_pairs", "300"])
     assert results["folder"]["verification"]["genuine_pairs"] == 300
-    assert os.path.exists(os.path.join(results_dir, f"tiny112_{os.path.basename(folder)}_folder.json"))
+    folder_file = os.path.join(results_dir, f"tiny112_{os.path.basename(folder)}_folder.json")
+    assert os.path.exists(folder_file)
     threshold = results["folder"]["verification"]["threshold"]
-    results = evals.main(
-        ["-m", model_path, "--compare", photos["astronaut"], photos["moved"], "--result_dir", results_dir]
-    )
+    compare = ["-m", model_path, "--compare", photos["astronaut"], photos["moved"], "--result_dir", results_dir]
+    results = evals.main(compare)
     assert results["compare"]["threshold"] == pytest.approx(threshold)  # read from the folder evaluation
     out = capsys.readouterr().out
     assert "1:1 verification" in out and "astronaut.png vs moved.jpg" in out
-    assert os.path.exists(os.path.join(results_dir, "compare_astronaut_moved.png"))
+    assert f"threshold {threshold:.4f} (from the folder evaluation {folder_file})" in out
+    assert os.path.exists(os.path.join(results_dir, "compare_tiny112_astronaut_moved.png"))
+    evals.main(compare + ["--threshold", "0.5"])  # a second comparison keeps the first picture
+    assert "threshold 0.5000 (from --threshold)" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(results_dir, "compare_tiny112_astronaut_moved_2.png"))
     with pytest.raises(SystemExit):
         evals.main(["-m", model_path])
     assert "nothing to evaluate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evals.main(["-m", model_path, "--compare", photos["astronaut"]])
+
+
+def test_a_gallery_without_mated_probes_reports_n_a_not_zero():
+    """Identities 0 and 1 (gallery 1) have only their gallery image: gallery 1 has no mated probe, so its top-1 is
+    n/a and the mean is gallery 2's alone; gallery 2 has no non-mated probe, so its TPIR is n/a too."""
+    labels = np.array([0, 1, 2, 2, 3, 3])
+    gallery = np.array([True, True, True, False, True, False])
+    half = np.array([0, 0, 1, 1, 1, 1])
+    probe_id3 = np.array([0, 0, 0.9, 0.1]) / np.linalg.norm([0.9, 0.1])  # closer to identity 2: a top-1 miss
+    embeddings = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1], probe_id3])
+    results = photo_evals.folder_identification(embeddings, labels, gallery, half, fpir_targets=(0.1,), top_k=(1,))
+    assert results["gallery_1"] == {
+        "num_gallery": 2, "num_mated": 0, "num_non_mated": 2, "top1": None, "tpir@fpir=0.1": None
+    }  # fmt: skip
+    assert results["gallery_2"]["top1"] == 0.5 and results["gallery_2"]["tpir@fpir=0.1"] is None
+    assert results["mean"]["top1"] == 0.5 and results["mean"]["tpir@fpir=0.1"] is None
+    table = photo_evals.format_folder_table(
+        {"verification": {"genuine_pairs": 2, "impostor_pairs": 4}, "identification": results}
+    )
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in table.splitlines()
+        if line.startswith("| gallery_") or line.startswith("| mean")
+    }
+    assert "| gallery | gallery | mated probes | non-mated probes | top1 | tpir@fpir=0.1 |" in table
+    assert rows["gallery_1"] == ["2", "0", "2", "n/a", "n/a"] and rows["gallery_2"] == [
+        "2",
+        "2",
+        "0",
+        "0.500000",
+        "n/a",
+    ]
+    assert rows["mean"][3] == "0.500000"

@@ -131,3 +131,32 @@ def test_images_per_second_counts_the_steps_that_ran(capsys):
     runner.StepRunner(tf.distribute.get_strategy(), verbose=1).fit(model, run_steps, None, callbacks, (0, 1), 10, 64)
     rate = float(re.search(r"([0-9.]+) images/s", capsys.readouterr().out).group(1))
     assert 100 < rate < 700  # 128 images in >= 0.2 s; dividing 10 steps' images would give > 3,000
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_the_progress_bar_ends_on_the_epoch_means_the_history_records(capsys, steps_per_execution):
+    """Steps of falling loss and rising accuracy: the bar shows running means of the epoch, so its last line is the
+    epoch's logged value (the last step's value would be 0.5 / 1.0 here)."""
+
+    class Model:
+        stop_training = False
+        optimizer = keras.optimizers.SGD(0.1)
+
+    recorded = {}
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            recorded.update(logs)
+
+    values = iter([(6.5, 0.0), (4.5, 0.5), (2.5, 0.5), (0.5, 1.0)])
+
+    def run_steps(iterator, num_steps):
+        steps = [next(values) for _ in range(num_steps)]
+        return {"loss": np.mean([loss for loss, _ in steps]), "accuracy": np.mean([acc for _, acc in steps])}
+
+    step_runner = runner.StepRunner(tf.distribute.get_strategy(), steps_per_execution=steps_per_execution, verbose=1)
+    callbacks = keras.callbacks.CallbackList([Record()], model=Model())
+    step_runner.fit(callbacks.model, run_steps, None, callbacks, (0, 1), 4, 8)
+    last_bar = [line for line in re.split(r"[\r\n]", capsys.readouterr().out) if "4/4" in line][-1]
+    assert re.search(r"loss: (\S+)", last_bar).group(1) == "3.5000" and recorded["loss"] == pytest.approx(3.5)
+    assert re.search(r"accuracy: (\S+)", last_bar).group(1) == "0.5000" and recorded["accuracy"] == pytest.approx(0.5)
