@@ -218,8 +218,8 @@ def history_with_epoch(history, logs):
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Save the model to ``filepath`` at every epoch end, atomically; skipped when the epoch's loss is not finite.
 
-    ``run_state(epoch, logs) -> (state, arrays)``, when given, is stored inside the checkpoint (``run_state``), so
-    that the one rename of the file commits the epoch's weights, optimizer and record together."""
+    ``run_state(epoch, logs) -> dict``, when given, is a record stored inside the checkpoint (``run_state``), so that
+    the one rename of the file commits the epoch's weights, optimizer and record together."""
 
     def __init__(self, filepath, save_model=None, run_state=None):
         super().__init__()
@@ -233,13 +233,13 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
 
 def save_model_atomic(model, filepath, state=None):
-    """``model.save`` through a temporary file of the same extension, then rename (.keras or .h5); ``state``
-    ``(state dict, arrays)`` is added to the file before the rename."""
+    """``model.save`` through a temporary file of the same extension, then rename (.keras or .h5); the ``state``
+    record is added to the file before the rename."""
     with atomic_write(filepath) as tmp_path:
         os.remove(tmp_path)  # Keras refuses to overwrite some formats in place
         model.save(tmp_path)
         if state is not None:
-            write_run_state(tmp_path, *state)
+            write_run_state(tmp_path, state)
 
 
 class GentlyStop(keras.callbacks.Callback):

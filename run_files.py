@@ -1,15 +1,17 @@
 """A training run's files: where they live, who writes them, and whether an interrupted run can resume.
 
 ``save_path`` names the full model; a bare name goes to ``checkpoints/``. Next to it: ``<stem>_hist.json`` (the
-history), ``<stem>_hist.png`` (its plot), ``<stem>_centers.npy`` (center-loss centers),
-``<stem>_basic_<bin>_epoch_<E>_<acc>.keras`` (the best basic model) and ``<save_path>.lock`` (the run that owns them).
-Every file is written atomically. The checkpoint also holds the run's state (completed epochs, history, centers:
-``run_state``): it is the record of what is done, and the side files are reconciled with it when a run resumes.
-Under ``MultiWorkerMirroredStrategy`` worker 0 (or the chief) writes these; the other workers write theirs into
-``worker_<i>/`` so the chief's files are never clobbered.
+history), ``<stem>_hist.png`` (its plot), ``<stem>_centers.npy`` (center-loss centers; the previous epoch's are kept as
+``<stem>_centers_previous.npy``), ``<stem>_basic_<bin>_epoch_<E>_<acc>.keras`` (the best basic model) and
+``<save_path>.lock`` (the run that owns them). Every file is written atomically. The checkpoint is renamed into place
+after the centers and before the history, and holds a record of the epochs it completes (``run_state``): after a crash
+between these writes the side files are reconciled with it. Under ``MultiWorkerMirroredStrategy`` worker 0 (or the
+chief) writes these; the other workers write theirs into ``worker_<i>/`` so the chief's files are never clobbered.
 """
 
 import os
+import shutil
+import warnings
 
 import keras
 import numpy as np
@@ -70,6 +72,7 @@ class RunFiles:
         self.hist_path = os.path.join(self.save_dir, self.stem + "_hist.json")
         self.hist_plot_path = os.path.join(self.save_dir, self.stem + "_hist.png")
         self.centers_path = os.path.join(self.save_dir, self.stem + "_centers.npy")
+        self.previous_centers_path = os.path.join(self.save_dir, self.stem + "_centers_previous.npy")
         self.best_model_prefix = os.path.join(self.save_dir, self.stem)
         self.cache_dir = os.path.join(self.save_dir, ".cache")
         os.makedirs(self.save_dir, exist_ok=True)
@@ -78,8 +81,8 @@ class RunFiles:
         """Take the run's lock (one live run per save path, else ``run_lock.RunLockedError``) and delete the
         temporary files that a killed run of this save path left behind."""
         self._lock = run_lock.RunLock(self.save_path + ".lock").acquire()
-        own = {os.path.basename(path) for path in (self.save_path, self.hist_path, self.hist_plot_path)}
-        own.add(os.path.basename(self.centers_path))
+        own = {self.save_path, self.hist_path, self.hist_plot_path, self.centers_path, self.previous_centers_path}
+        own = {os.path.basename(path) for path in own}
         for name in os.listdir(self.save_dir):
             target = temp_file_target(name)
             if target and (target in own or target.startswith(self.stem + "_basic_")):
@@ -88,48 +91,73 @@ class RunFiles:
     def reconcile(self, history):
         """True when an earlier run of this ``save_path`` left a checkpoint to resume from. The checkpoint's record of
         completed epochs wins: ``history`` (and its file) and the centers file are made to agree with it, whatever
-        write a crash interrupted. A checkpoint without a stored state falls back to the history file."""
+        write a crash interrupted. A checkpoint without a record falls back to the history file."""
         if not os.path.exists(self.save_path):
             return False
-        state, arrays = run_state.read_run_state(self.save_path)
+        state = run_state.read_run_state(self.save_path)
         if state is None:
             return history.completed_epochs > 0
         epochs = int(state["epochs"])
         if history.completed_epochs != epochs:
             print(f">>>> {self.hist_path} had {history.completed_epochs} epochs, the checkpoint {epochs}: following it")
-            history.replace(state["history"] if history.completed_epochs < epochs else history.history, epochs)
-        if "centers" in arrays:
-            with atomic_write(self.centers_path, suffix=".npy") as tmp_path:
-                np.save(tmp_path, arrays["centers"])
+            history.replace(_history_at(history.history, epochs, state["logs"]), epochs)
+        if state.get("centers_sha256"):
+            self._restore_centers(state["centers_sha256"])
         return epochs > 0
 
+    def _restore_centers(self, checksum):
+        """Make ``centers_path`` hold the centers the checkpoint was saved with (the newer or the previous file)."""
+        for path in (self.centers_path, self.previous_centers_path):
+            if os.path.exists(path) and run_state.array_checksum(np.load(path, allow_pickle=False)) == checksum:
+                if path != self.centers_path:
+                    with atomic_write(self.centers_path, suffix=".npy") as tmp_path:
+                        shutil.copyfile(path, tmp_path)
+                return
+        kept = f"those in {self.centers_path}" if os.path.exists(self.centers_path) else "zero centers"
+        message = f"{self.save_path}: the center-loss centers it was saved with are not on disk; going on with {kept}"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     def checkpoint_callbacks(self, history, center_loss=None):
-        """The full-model checkpoint (holding the run's state: ``history`` with this epoch, the centers) and, with a
-        center loss, the centers file, both saved at each epoch end."""
+        """At each epoch end: with a center loss, the centers file (the previous one kept), then the full-model
+        checkpoint with its record (this epoch's logs, the centers' checksum)."""
         savers = [myCallbacks.AtomicCheckpoint(self.save_path, run_state=_state_of(history, center_loss))]
         if center_loss is not None:
-            savers.append(CenterSaver(center_loss, self.centers_path))
+            savers.insert(0, CenterSaver(center_loss, self.centers_path, self.previous_centers_path))
         return savers
 
 
+def _history_at(history, epochs, last_logs):
+    """``history`` with ``epochs`` entries: cut, or completed with the checkpoint's ``last_logs`` (the history file
+    is one epoch behind after a kill between the two writes; epochs before that with no record are NaN)."""
+    done = len(history.get("loss", []))
+    for _ in range(done, epochs - 1):
+        history = myCallbacks.history_with_epoch(history, dict.fromkeys(last_logs, float("nan")))
+    return myCallbacks.history_with_epoch(history, last_logs) if done < epochs else history
+
+
 def _state_of(history, center_loss):
-    """``state(epoch, logs) -> (state, arrays)``: what the checkpoint of an epoch stores besides the model."""
+    """``state(epoch, logs) -> dict``: the record a checkpoint stores besides the model."""
 
     def state(epoch, logs):
-        recorded = myCallbacks.history_with_epoch(history.history, logs)
-        arrays = {} if center_loss is None else {"centers": keras.ops.convert_to_numpy(center_loss.centers)}
-        return {"epochs": len(recorded.get("loss", [])), "history": recorded}, arrays
+        logs = {key: float(np.asarray(value)) for key, value in logs.items()}
+        record = {"epochs": history.completed_epochs + 1, "logs": logs}
+        if center_loss is not None:
+            record["centers_sha256"] = run_state.array_checksum(keras.ops.convert_to_numpy(center_loss.centers))
+        return record
 
     return state
 
 
 class CenterSaver(keras.callbacks.Callback):
-    """Save the center-loss centers to ``path`` (``.npy``) at each epoch end whose loss is finite, atomically."""
+    """Save the center-loss centers to ``path`` (``.npy``) at each epoch end whose loss is finite, atomically; the
+    file of the epoch before is kept as ``previous_path`` (the checkpoint of that epoch may still be the newest)."""
 
-    def __init__(self, center_loss, path):
+    def __init__(self, center_loss, path, previous_path=None):
         super().__init__()
-        self.center_loss, self.path = center_loss, path
+        self.center_loss, self.path, self.previous_path = center_loss, path, previous_path
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or np.isfinite(logs.get("loss", 0.0)):
+            if self.previous_path and os.path.exists(self.path):
+                os.replace(self.path, self.previous_path)
             self.center_loss.save_centers(self.path)

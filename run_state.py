@@ -1,56 +1,57 @@
-"""A training run's state stored inside its checkpoint file, so that renaming the checkpoint into place commits an
-epoch: the number of completed epochs, the history up to that epoch and the center-loss centers travel with the
-weights and the optimizer. The side files (``<stem>_hist.json``, ``<stem>_centers.npy``) are for people and plots;
-after a crash between two writes they are made to agree with the checkpoint again (``run_files.RunFiles``).
+"""A small record stored inside each checkpoint file, so that renaming the checkpoint into place commits an epoch:
+how many epochs are done, the last epoch's logs and the checksum of the center-loss centers of that epoch. The side
+files (``<stem>_hist.json``, ``<stem>_centers.npy``) are for people and plots; after a crash between two writes of
+an epoch end they are brought back in line with the checkpoint (``run_files.RunFiles.reconcile``).
 
-A ``.keras`` checkpoint (a zip) gets two more members, which Keras' loader ignores; a ``.h5`` checkpoint an
-attribute and a group.
+The record is the comment of a ``.keras`` zip (Keras' loader ignores it; another archive member would make Keras
+extract the whole archive to a temporary folder at every load) or an attribute of a ``.h5`` file's root.
 """
 
-import io
+import hashlib
 import json
 import zipfile
 
 import numpy as np
 
 STATE_NAME = "insightface_run_state"
+MAX_ZIP_COMMENT = 65535
 
 
-def write_run_state(path, state, arrays=None):
-    """Add ``state`` (a JSON-ready dict) and ``arrays`` (name -> numpy array) to the model file ``path`` (``.keras``
-    or ``.h5``), which must not hold a run state yet (it is the fresh temporary file of a checkpoint)."""
-    arrays = arrays or {}
+def write_run_state(path, state):
+    """Store ``state`` (a small JSON-ready dict) in the freshly saved model file ``path`` (``.keras`` or ``.h5``)."""
+    text = json.dumps({STATE_NAME: state})
     if path.endswith(".keras"):
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        if len(text) > MAX_ZIP_COMMENT:
+            raise ValueError(f"run state of {len(text)} bytes does not fit a zip comment: {text[:200]}...")
         with zipfile.ZipFile(path, "a") as archive:
-            archive.writestr(STATE_NAME + ".json", json.dumps(state))
-            archive.writestr(STATE_NAME + ".npz", buffer.getvalue())
+            archive.comment = text.encode()
         return
     import h5py
 
     with h5py.File(path, "a") as saved:
-        saved.attrs[STATE_NAME] = json.dumps(state)
-        group = saved.create_group(STATE_NAME)
-        for name, value in arrays.items():
-            group.create_dataset(name, data=value)
+        saved.attrs[STATE_NAME] = text
 
 
 def read_run_state(path):
-    """``(state, arrays)`` stored in the model file ``path``; ``(None, {})`` for a file saved without one (by an
-    older version, or not a checkpoint of a run)."""
+    """The state stored in the model file ``path``; None for a file saved without one (by an older version, or a
+    model that is not a run's checkpoint)."""
     if path.endswith(".keras"):
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            if STATE_NAME + ".json" not in names:
-                return None, {}
-            state = json.loads(archive.read(STATE_NAME + ".json"))
-            with np.load(io.BytesIO(archive.read(STATE_NAME + ".npz")), allow_pickle=False) as stored:
-                return state, {name: stored[name] for name in stored.files}
-    import h5py
+            text = archive.comment.decode(errors="replace")
+    else:
+        import h5py
 
-    with h5py.File(path, "r") as saved:
-        if STATE_NAME not in saved.attrs:
-            return None, {}
-        group = saved.get(STATE_NAME, {})
-        return json.loads(saved.attrs[STATE_NAME]), {name: group[name][()] for name in group}
+        with h5py.File(path, "r") as saved:
+            text = saved.attrs.get(STATE_NAME, "")
+    try:
+        return json.loads(text)[STATE_NAME]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def array_checksum(values):
+    """SHA-256 of an array's dtype, shape and bytes: which file holds the centers a checkpoint was saved with."""
+    values = np.ascontiguousarray(values)
+    digest = hashlib.sha256(f"{values.dtype.str}{values.shape}".encode())
+    digest.update(values.tobytes())
+    return digest.hexdigest()

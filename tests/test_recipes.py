@@ -136,3 +136,12 @@ def test_a_killed_config_run_resumes_with_the_same_command(demo_small, tmp_path)
     assert f"{done_before} epochs already done" in resumed.stdout
     history = json.load(open(hist_path))
     assert len(history["loss"]) == 5 and None not in history["loss"]  # 2 + 3 epochs, each once
+
+
+def test_the_readme_warns_that_a_recipe_runs_as_code():
+    """``--config`` executes the file: the README must say so where it describes recipes."""
+    with open(os.path.join(ROOT, "README.md")) as ff:
+        readme = ff.read()
+    section = readme[readme.index("### From the command line: recipes") :]
+    section = section[: section.index("\n### ", 10)]
+    assert "**A recipe is a Python program**" in section and "read a downloaded one before" in section

@@ -28,48 +28,81 @@ def _tiny_model():
     return keras.Model(inputs, keras.layers.Dense(2, name="embedding")(inputs))
 
 
-# ------------------------------------------------------------------------------------------ the stored state
+# ------------------------------------------------------------------------------------------ the stored record
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
-def test_run_state_travels_inside_the_checkpoint_and_keras_still_loads_it(tmp_path, suffix):
+def test_the_record_travels_inside_the_checkpoint_and_keras_still_loads_it(tmp_path, suffix):
+    import zipfile
+
     path = str(tmp_path / f"model{suffix}")
     model = _tiny_model()
-    state = {"epochs": 2, "history": {"loss": [3.0, 2.5]}}
-    centers = np.arange(6, dtype="float32").reshape(3, 2)
-    myCallbacks.save_model_atomic(model, path, (state, {"centers": centers}))
-    assert run_state.read_run_state(path)[0] == state
-    np.testing.assert_array_equal(run_state.read_run_state(path)[1]["centers"], centers)
+    state = {"epochs": 2, "logs": {"loss": 2.5, "lr": 0.1}, "centers_sha256": "ab" * 32}
+    myCallbacks.save_model_atomic(model, path, state)
+    assert run_state.read_run_state(path) == state
+    if suffix == ".keras":  # a comment, not a member: Keras loads its three members without extracting anything
+        assert sorted(zipfile.ZipFile(path).namelist()) == ["config.json", "metadata.json", "model.weights.h5"]
     reloaded = keras.models.load_model(path)
     for saved, original in zip(reloaded.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(saved, original)
     plain = str(tmp_path / f"plain{suffix}")
     model.save(plain)
-    assert run_state.read_run_state(plain) == (None, {})
+    assert run_state.read_run_state(plain) is None
 
 
-def _checkpoint_with_state(files, epochs, history, centers):
-    myCallbacks.save_model_atomic(
-        _tiny_model(), files.save_path, ({"epochs": epochs, "history": history}, {"centers": centers})
-    )
+def test_the_centers_checksum_covers_dtype_shape_and_values():
+    import hashlib
+
+    values = np.arange(6, dtype="float32").reshape(3, 2)
+    expected = hashlib.sha256(b"<f4(3, 2)" + values.tobytes()).hexdigest()
+    assert run_state.array_checksum(values) == expected
+    assert run_state.array_checksum(values.reshape(2, 3)) != expected
+    assert run_state.array_checksum(values.astype("float64")) != expected
+
+
+def _checkpoint_with_record(files, epochs, logs, centers=None):
+    record = {"epochs": epochs, "logs": logs}
+    if centers is not None:
+        record["centers_sha256"] = run_state.array_checksum(centers)
+    myCallbacks.save_model_atomic(_tiny_model(), files.save_path, record)
 
 
 def test_a_history_file_behind_the_checkpoint_is_completed_from_it(tmp_path):
-    """The state the killed run left: checkpoint of epoch 2, history of epoch 1, centers of epoch 1."""
+    """The state a run killed after its checkpoint rename left: checkpoint of epoch 2, history of epoch 1, and the
+    centers of epoch 2 already written (the previous file holds those of epoch 1)."""
     files = RunFiles(str(tmp_path / "run.keras"), None)
-    stored = {"loss": [5.0, 4.0], "lr": [0.1, 0.1], "bin": [0.6, None]}
-    _checkpoint_with_state(files, 2, stored, np.full((3, 2), 2.0, "float32"))
+    centers_1, centers_2 = np.full((3, 2), 1.0, "float32"), np.full((3, 2), 2.0, "float32")
+    _checkpoint_with_record(files, 2, {"loss": 4.0, "lr": 0.1}, centers_2)
     with open(files.hist_path, "w") as ff:
         json.dump({"loss": [5.0], "lr": [0.1], "bin": [0.6]}, ff)
-    np.save(files.centers_path, np.full((3, 2), 1.0, "float32"))
+    np.save(files.centers_path, centers_2)
+    np.save(files.previous_centers_path, centers_1)
     history = myCallbacks.MyHistory(files.hist_path)
     assert files.reconcile(history)
-    assert history.history == stored and json.load(open(files.hist_path)) == stored
-    np.testing.assert_array_equal(np.load(files.centers_path), np.full((3, 2), 2.0))
+    expected = {"loss": [5.0, 4.0], "lr": [0.1, 0.1], "bin": [0.6]}  # the evaluation of epoch 2 never ran
+    assert history.history == expected and json.load(open(files.hist_path)) == expected
+    np.testing.assert_array_equal(np.load(files.centers_path), centers_2)
+
+
+def test_centers_written_before_a_checkpoint_that_was_not_are_rolled_back(tmp_path):
+    """Killed between the centers of epoch 2 and the checkpoint: the checkpoint of epoch 1 gets its own centers."""
+    files = RunFiles(str(tmp_path / "run.keras"), None)
+    centers_1, centers_2 = np.full((3, 2), 1.0, "float32"), np.full((3, 2), 2.0, "float32")
+    _checkpoint_with_record(files, 1, {"loss": 5.0}, centers_1)
+    with open(files.hist_path, "w") as ff:
+        json.dump({"loss": [5.0]}, ff)
+    np.save(files.centers_path, centers_2)
+    np.save(files.previous_centers_path, centers_1)
+    assert files.reconcile(myCallbacks.MyHistory(files.hist_path))
+    np.testing.assert_array_equal(np.load(files.centers_path), centers_1)
+    os.remove(files.previous_centers_path)
+    np.save(files.centers_path, centers_2)
+    with pytest.warns(RuntimeWarning, match=r"centers it was saved with are not on disk; going on with those in"):
+        files.reconcile(myCallbacks.MyHistory(files.hist_path))
 
 
 def test_a_history_file_ahead_of_the_checkpoint_is_cut_to_it(tmp_path):
     """A NaN epoch is recorded in the history but not checkpointed: it is trained again, not skipped."""
     files = RunFiles(str(tmp_path / "run.keras"), None)
-    _checkpoint_with_state(files, 1, {"loss": [5.0]}, np.zeros((3, 2), "float32"))
+    _checkpoint_with_record(files, 1, {"loss": 5.0})
     with open(files.hist_path, "w") as ff:
         json.dump({"loss": [5.0, float("nan")], "bin": [0.6, 0.0]}, ff)
     history = myCallbacks.MyHistory(files.hist_path)
@@ -77,7 +110,7 @@ def test_a_history_file_ahead_of_the_checkpoint_is_cut_to_it(tmp_path):
     assert history.history == {"loss": [5.0], "bin": [0.6]}  # the file's own epoch-1 entries (with evaluation) kept
 
 
-def test_a_checkpoint_without_stored_state_resumes_from_the_history_file(tmp_path):
+def test_a_checkpoint_without_a_record_resumes_from_the_history_file(tmp_path):
     files = RunFiles(str(tmp_path / "old.keras"), None)
     _tiny_model().save(files.save_path)
     history = myCallbacks.MyHistory(files.hist_path)
@@ -99,38 +132,49 @@ def _kill_run(demo_small, folder, number, when):
 def _resume_in_process(demo_small, folder):
     import kill_at_write_job as job
 
+    temporary = lambda: [name for name in os.listdir(folder) if ".tmp" in name]  # noqa: E731
+    left = temporary()
     with pytest.warns(RuntimeWarning, match="taking over the lock"):  # the killed process left its lock
         trainer = job.make_trainer(demo_small["train_dir"], demo_small["bin_path"], str(folder / "run.keras"))
-    leftovers = [name for name in os.listdir(folder) if ".tmp" in name]
+    assert temporary() == []  # removed at construction, before any training
     history = trainer.train([dict(stage) for stage in job.SCHEDULE], 0)
-    return trainer, history, leftovers
+    return trainer, history, left
 
 
-@pytest.mark.slow  # 12 processes of a tiny 2-epoch run, two at a time
+@pytest.mark.slow  # 7 processes of a tiny 2-epoch run, two at a time
 def test_a_sigkill_at_every_write_of_an_epoch_end_resumes_each_epoch_once(demo_small, tmp_path):
-    """Each write of the second epoch end (checkpoint, centers, best basic model, history, plot, in this order) is
-    interrupted by a SIGKILL just before and just after its rename; the resumed run then has 2 x 7 optimizer steps, two history
-    entries per key and no temporary file."""
-    points = [(number, when) for number in range(1, 7) for when in ("before", "after")]
+    """Each write of the second epoch end (centers: the old file moved aside, the new one written; checkpoint; best
+    basic model; history; plot, in this order) is interrupted by a SIGKILL just before its rename, when its temporary
+    file is complete (a kill just after a rename leaves the files a kill before the next one does, less that
+    temporary file); the resumed run then has 2 x 7 optimizer steps, two history entries per key and no temporary
+    file. The kill before the history's rename is the classic case: a checkpoint of epoch 2, a history of epoch 1."""
+    points = range(1, 8)
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda point: _kill_run(demo_small, tmp_path / f"{point[0]}{point[1]}", *point), points))
-    completed = [(point, replaced) for point, (done, replaced) in zip(points, runs) if done]
-    assert completed, "every run was killed: more than 5 writes at an epoch end?"
-    writes = completed[0][1]
-    assert writes == ["run.keras", "run_centers.npy", "run_basic", "run_hist.json", "run_hist.png"]
-    killed = [point for point, (done, _) in zip(points, runs) if not done]
-    assert len(killed) == 2 * len(writes)  # every write, before and after
-    assert all(runs[points.index(point)][1] == writes[: point[0]] for point in killed)  # at the same writes
-    for number, when in killed:
-        folder = tmp_path / f"{number}{when}"
+        runs = list(pool.map(lambda number: _kill_run(demo_small, tmp_path / str(number), number, "before"), points))
+    completed = [replaced for done, replaced in runs if done]
+    assert completed, "every run was killed: more than 6 writes at an epoch end?"
+    writes = completed[0]
+    assert writes == [
+        "run_centers_previous.npy",
+        "run_centers.npy",
+        "run.keras",
+        "run_basic",
+        "run_hist.json",
+        "run_hist.png",
+    ]
+    killed = [number for number, (done, _) in zip(points, runs) if not done]
+    assert killed == list(range(1, len(writes) + 1))  # every write
+    assert all(runs[number - 1][1] == writes[:number] for number in killed)  # at the same writes
+    for number in killed:
+        folder = tmp_path / str(number)
         trainer, history, leftovers = _resume_in_process(demo_small, folder)
-        point = f"killed {when} {writes[number - 1]}"
+        point = f"killed before {writes[number - 1]}"
         assert int(trainer.optimizer.iterations.numpy()) == 2 * trainer.steps_per_epoch, point
         assert len(history["loss"]) == len(history["lr"]) == len(history["arcface_loss"]) == 2, (point, history)
         assert all(len(values) <= 2 for values in history.values()), (point, history)  # the evaluation may be missed
         assert np.isfinite(history["loss"]).all() and history["loss"] == json.load(open(trainer.hist_path))["loss"]
+        assert len(leftovers) == (number > 1), (point, leftovers)  # the complete temporary file of the write
         assert not [name for name in os.listdir(folder) if ".tmp" in name], point
-        assert when == "after" or number > 1 or leftovers == [], point  # removed at construction, before training
         del trainer
 
 
