@@ -74,16 +74,24 @@ def run(tmp, global_batch, strategy=None, precision=None, **options):
         keras.mixed_precision.set_global_policy("float32")
 
 
-def report(name, got, reference):
+def max_difference(first, second):
+    return max(float(np.abs(aa - bb).max()) for aa, bb in zip(first, second))
+
+
+def report(name, got, reference, float32_reference=None):
+    """One JSON line; with ``float32_reference`` (the same run in float32) also ``rounding``: how far the reduced
+    precision alone moves the reference's weights, the scale its own differences are judged on."""
     (start, weights, steps), (ref_start, ref_weights, ref_steps) = got, reference
     result = {
         "name": name,
-        "diff": max(float(np.abs(aa - bb).max()) for aa, bb in zip(weights, ref_weights)),
+        "diff": max_difference(weights, ref_weights),
         "start_diff": max(float(np.abs(aa - bb).max()) for aa, bb in zip(start, ref_start)),
         "moved": max(float(np.abs(aa - bb).max()) for aa, bb in zip(ref_weights, ref_start)),
         "steps": steps,
         "ref_steps": ref_steps,
     }
+    if float32_reference is not None:
+        result["rounding"] = max_difference(ref_weights, float32_reference[1])
     print(json.dumps(result), flush=True)
 
 
@@ -99,4 +107,4 @@ if __name__ == "__main__":
     report("clip_and_accumulate_mirrored", both, clipped)
     for precision in ("mixed_float16", "mixed_bfloat16"):
         accumulated = run(tmp, 4, precision=precision, gradient_accumulation_steps=2)
-        report(f"accumulate_{precision}", accumulated, run(tmp, 8, precision=precision))
+        report(f"accumulate_{precision}", accumulated, run(tmp, 8, precision=precision), big)

@@ -88,7 +88,9 @@ def test_a_loss_branching_on_tensors_trains_like_the_same_loss_without_the_branc
 @pytest.mark.slow
 def test_accumulation_and_clipping_equal_one_large_batch(tmp_path):
     """k batches of B accumulated = one batch of k * B (no batch statistics in the model), on one device, on two
-    mirrored replicas, with a clipped gradient, and in mixed precision (to its rounding)."""
+    mirrored replicas, with a clipped gradient, and in mixed precision: there to within twice the distance that the
+    reduced precision alone puts between the large-batch run and its float32 twin (bfloat16 rounding differs from
+    CPU to CPU: 0.088 on an AMD EPYC without bfloat16 instructions, where the accumulated run was 0.10 away)."""
     job = os.path.join(HERE, "accumulation_job.py")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     done = subprocess.run([sys.executable, job, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
@@ -99,14 +101,14 @@ def test_accumulation_and_clipping_equal_one_large_batch(tmp_path):
         "accumulate_mirrored": 1e-5,
         "clip_mirrored": 1e-7,
         "clip_and_accumulate_mirrored": 1e-7,
-        "accumulate_mixed_float16": 5e-3,
-        "accumulate_mixed_bfloat16": 2e-2,
     }
-    assert set(results) == set(tolerances)
-    for name, tolerance in tolerances.items():
-        row = results[name]
+    assert set(results) == {*tolerances, "accumulate_mixed_float16", "accumulate_mixed_bfloat16"}
+    for name, row in results.items():
         assert row["start_diff"] == 0 and row["steps"] == row["ref_steps"] == 2, row
-        assert row["diff"] < tolerance and row["moved"] > 100 * row["diff"], row  # equal, and training did move
+        if name in tolerances:
+            assert row["diff"] < tolerances[name] and row["moved"] > 100 * row["diff"], row  # equal, training moved
+        else:  # one batch's gradient lost would move the weights by about half of "moved"
+            assert row["diff"] < 2 * row["rounding"] and row["moved"] > 20 * row["diff"], row
     assert results["clip_mirrored"]["moved"] < 0.011  # 2 updates of at most lr 0.1 x norm 0.05 (with momentum)
 
 
