@@ -606,7 +606,7 @@ def copy_weights(source, target):
         if differ:
             side = "the pretrained model" if differ[0] in source_layers else "the model"
             raise ValueError(f"layer '{differ[0]}' ({what}) is only in {side}: {source.name} is another network")
-    for name, layer in source_layers.items():
+    for name, layer in ((name, layer) for name, layer in source_layers.items() if layer.weights):
         found, needed = [tuple(w.shape) for w in layer.weights], [tuple(w.shape) for w in target_layers[name].weights]
         if found != needed:
             raise ValueError(

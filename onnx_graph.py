@@ -83,6 +83,23 @@ def input_is_channels_first(model):
     return len(dims) == 4 and dims[1].dim_value == 3
 
 
+def is_insightface_graph(path):
+    """True when ``path`` parses as ONNX and takes NCHW 3-channel images (insightface's recognition models, which
+    this module imports); False without the ``onnx`` package or for other graphs (e.g. NHWC exports of this
+    library), which run as they are in onnxruntime."""
+    try:
+        return input_is_channels_first(load_onnx(path))
+    except (ImportError, ValueError, OSError):
+        return False
+
+
+def normalizes_input(path):
+    """True when the graph normalizes its input itself (``Sub`` / ``Mul`` nodes at the input, MXNet exports): it is
+    fed 0..255 pixels; PyTorch exports are fed ``(x - 127.5) / 127.5``."""
+    graph = _Graph(load_onnx(path), path)
+    return _input_affine(graph)[2] != graph.input
+
+
 def _value_inputs(graph):
     initializers = {init.name for init in graph.initializer}
     return [value for value in graph.input if value.name not in initializers]
