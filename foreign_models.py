@@ -57,13 +57,18 @@ class _StateDict:
         return key in self.values
 
     def __getitem__(self, key):
-        if key not in self.values:
-            raise ValueError(f"{self.path}: key '{key}' is missing from the state dict")
+        """The float32 value of ``key``, which is marked as read."""
         self.taken.add(key)
-        return np.asarray(self.values[key], dtype=np.float32)
+        return np.asarray(self._value(key), dtype=np.float32)
 
     def shape(self, key):
-        return np.shape(self.values[key]) if key in self.values else self[key]
+        """The shape of ``key`` (not marked as read)."""
+        return np.shape(self._value(key))
+
+    def _value(self, key):
+        if key not in self.values:
+            raise ValueError(f"{self.path}: key '{key}' is missing from the state dict")
+        return self.values[key]
 
     def count(self, prefix, suffix):
         """How many ``prefix{k}suffix`` keys exist for k = 0, 1, ..."""

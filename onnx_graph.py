@@ -106,17 +106,19 @@ def _value_inputs(graph):
 
 
 class _Graph:
-    """Constants, producers and consumers of an ONNX graph, with pass-through nodes and shape subgraphs skipped."""
+    """Constants and consumers of an ONNX graph's tensors, with pass-through nodes and shape computations skipped."""
 
     def __init__(self, model, path):
         onnx = _onnx(path)
         self.path, graph = path, model.graph
         self.constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
-        self.alias, self.users, self.previous = {}, collections.defaultdict(list), {}
+        self.alias, self.users = {}, collections.defaultdict(list)
         for node in graph.node:
             inputs = [self.resolve(name) for name in node.input]
             if node.op_type == "Constant":
-                self.constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+                value = next(iter(_attributes(node).values()), None)  # value, value_float, value_ints ...
+                is_tensor = isinstance(value, onnx.TensorProto)
+                self.constants[node.output[0]] = onnx.numpy_helper.to_array(value) if is_tensor else np.asarray(value)
             elif node.op_type in PASS_THROUGH_OPS or (node.op_type == "Cast" and inputs[0] in self.constants):
                 self.alias[node.output[0]] = inputs[0]
             elif node.op_type != "Shape":  # a shape computation reads no values
@@ -186,9 +188,8 @@ def _identity_batch_norm(channels, bias=None):
 def _read_conv(graph, node):
     """A ``Conv`` node with the batch norm and the PReLU that follow it alone: ``(ConvUnit, output tensor)``."""
     attributes = _attributes(node)
-    if attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or set(attributes.get("dilations", [1])) != {
-        1
-    }:
+    dilated = any(dilation != 1 for dilation in attributes.get("dilations", [1]))
+    if attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or dilated:
         raise UnsupportedGraphError(
             f"{graph.path}: node '{node.name}': auto_pad / dilated convolutions are not supported"
         )
@@ -473,10 +474,10 @@ def read_onnx_state_dict(path):
     """``(state_dict, batch_norms, input_affine, architecture)`` of an insightface recognition ONNX graph.
 
     ``state_dict`` uses arcface_torch's names and PyTorch layouts (folded batch norms become convolutions plus an
-    identity batch norm carrying the bias), ``batch_norms`` maps each batch norm to its ``(epsilon, momentum)``, ``input_affine`` is
-    ``(scale, offset)`` per input channel of the normalization that ``Sub`` / ``Mul`` nodes at the input apply to
-    0..255 pixels (MXNet exports), or None when there are none and the caller normalizes (PyTorch exports), and
-    ``architecture`` is ``"iresnet"`` or ``"mbf"``.
+    identity batch norm carrying the bias), ``batch_norms`` maps each batch norm to its ``(epsilon, momentum)``,
+    ``input_affine`` is ``(scale, offset)`` per input channel of the normalization that ``Sub`` / ``Mul`` nodes at
+    the input apply to 0..255 pixels (MXNet exports), or None when there are none and the caller normalizes
+    (PyTorch exports), and ``architecture`` is ``"iresnet"`` or ``"mbf"``.
     """
     model = load_onnx(path)
     if not input_is_channels_first(model):
