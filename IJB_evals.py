@@ -542,7 +542,11 @@ def parse_arguments(argv=None):
         description="IJB-B / IJB-C evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument(
-        "-m", "--model_file", default=None, help="model: .keras / .h5, or .onnx with onnxruntime installed"
+        "-m",
+        "--model_file",
+        default=None,
+        help="model: .keras / .h5, a pretrained insightface .onnx / arcface_torch .pth (imported), or another .onnx"
+        " with onnxruntime installed",
     )
     parser.add_argument("-d", "--data_path", default="./", help="folder holding the IJBB / IJBC sub folders")
     parser.add_argument(

@@ -150,7 +150,8 @@ def parse_arguments(argv):
         "-M",
         "--model_file",
         default=None,
-        help="Teacher: Keras model file (.keras/.h5) or ONNX (.onnx, needs onnxruntime)",
+        help="Teacher: Keras model file (.keras/.h5), a pretrained insightface .onnx / arcface_torch .pth (imported)"
+        " or another ONNX (.onnx, needs onnxruntime)",
     )
     parser.add_argument(
         "-d",

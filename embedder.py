@@ -1,4 +1,5 @@
-"""Embed face images with a trained model: a Keras model (object or ``.keras`` / ``.h5`` file) or an ONNX file.
+"""Embed face images with a trained model: a Keras model (object or ``.keras`` / ``.h5`` file), a pretrained model of
+another tool (imported by ``models.load_model``) or an ONNX file.
 
 One place for "model -> embeddings" used by distillation data, sub-center cleaning, IJB evaluation and photo
 comparison. An :class:`Embedder` takes normalized float32 NHWC batches (see ``formats.normalize_image``);
@@ -10,6 +11,8 @@ import os
 import keras
 import numpy as np
 
+import foreign_models
+import onnx_graph
 from formats import SEEDS_SCALE, normalize_image
 
 
@@ -87,7 +90,10 @@ def _onnx_embedder(path):
 
 
 def load_embedder(model, safe_mode=True):
-    """An :class:`Embedder` of a Keras model object, a Keras model file (loaded with ``safe_mode``) or an ONNX file."""
+    """An :class:`Embedder` of a Keras model object, a Keras model file (loaded with ``safe_mode``), a pretrained model
+    of another tool that ``models.load_model`` imports (insightface ``.onnx``, arcface_torch ``.pth`` / ``.pt``,
+    Keras_insightface ``.h5``), or any other ONNX file (run by onnxruntime, fed this library's normalized NHWC
+    batches, as this library's ONNX exports expect)."""
     if isinstance(model, Embedder):
         return model
     if not isinstance(model, str | os.PathLike):
@@ -95,14 +101,14 @@ def load_embedder(model, safe_mode=True):
     path = os.fspath(model)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    if path.endswith(".onnx"):
+    if path.endswith(".onnx") and not onnx_graph.is_insightface_graph(path):
         return _onnx_embedder(path)
-    if path.endswith((".keras", ".h5", ".hdf5")):
+    if path.endswith((".keras", ".h5", ".hdf5")) or foreign_models.foreign_model_kind(path):
         import models
 
         return _keras_embedder(models.load_model(path, safe_mode=safe_mode))
     raise ValueError(
-        f"unsupported model file {path}: expected .keras, .h5 or .onnx (MXNet / PyTorch models are not supported)"
+        f"unsupported model file {path}: expected .keras, .h5, .onnx, or an arcface_torch checkpoint (.pth / .pt)"
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 import data
+import onnx_graph
 from alignment import ARCFACE_TEMPLATE, alignment_template, estimate_alignment, face_align_landmarks  # noqa: F401
 from embedder import compiled_inference
 from metrics import (  # noqa: F401
@@ -282,7 +283,11 @@ def parse_arguments(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "-m", "--model", required=True, help="saved basic model, .keras or .h5 (.onnx: --folder, --compare)"
+        "-m",
+        "--model",
+        required=True,
+        help="saved basic model (.keras / .h5), or a pretrained insightface .onnx, arcface_torch .pth / .pt or"
+        " Keras_insightface .h5 (imported); other .onnx files: --folder, --compare",
     )
     parser.add_argument("-t", "--test_bin_files", nargs="+", default=[], help="verification .bin files")
     parser.add_argument("--folder", help="class folder of aligned faces: 1:1 verification and 1:N identification")
@@ -353,7 +358,7 @@ def main(argv=None):
     args = parse_arguments(argv)
     _check_inputs(args)
     scale, results = 1.0 / args.scale, {}
-    is_onnx = args.model.endswith(".onnx")
+    is_onnx = args.model.endswith(".onnx") and not onnx_graph.is_insightface_graph(args.model)  # run by onnxruntime
     if is_onnx and args.test_bin_files:
         raise ValueError("-t needs a Keras model (.keras / .h5); an .onnx model works with --folder and --compare")
     model = args.model if is_onnx else load_basic_model(args.model, safe_mode=not args.unsafe_load)

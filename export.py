@@ -413,7 +413,9 @@ def parse_arguments(argv=None):
         description="Export a basic model to TFLite / SavedModel / ONNX for deployment",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("-m", "--model", required=True, help="basic model file (.keras / .h5)")
+    parser.add_argument(
+        "-m", "--model", required=True, help="basic model file (.keras / .h5, or a pretrained .onnx / .pth imported)"
+    )
     parser.add_argument("-f", "--format", default="tflite", choices=FORMATS, help="output format")
     parser.add_argument("-q", "--quant", default=None, choices=QUANTIZATIONS, help="TFLite quantization")
     parser.add_argument("-r", "--representative_data", default=None, help="folder or .bin for int8/uint8")

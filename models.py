@@ -71,6 +71,8 @@ def _custom_builders():
     builders = {
         "mobilefacenet": functools.partial(_mobile_facenet, False),
         "se_mobilefacenet": functools.partial(_mobile_facenet, True),
+        "mbf": mobile_facenet.mbf,  # arcface_torch's MobileFaceNet
+        "mbf_large": functools.partial(mobile_facenet.mbf, blocks_per_stage=(2, 8, 12, 4), scale=4, name="mbf_large"),
         "ghostnet": ghostnet.ghostnet,
         "vargfacenet": vargfacenet.vargfacenet,
     }
@@ -537,12 +539,15 @@ class ResizeImage(keras.layers.Layer):
 
 
 def load_model(model, custom_objects=None, compile=False, safe_mode=True):
-    """Load a ``.keras`` or ``.h5`` model saved by this library (a model object is returned as it is).
+    """Load a ``.keras`` or ``.h5`` model saved by this library (a model object is returned as it is), or import a
+    pretrained model of another tool (an insightface ``.onnx``, an arcface_torch ``.pth`` / ``.pt``, a
+    Keras_insightface ``.h5``) as the same network built here (``import_foreign_model``).
 
     Every custom object of the library (backbone layers, heads, losses, lazy optimizers, deployment layers) is
     registered first, so ``custom_objects`` is only needed for the user's own. ``safe_mode=True`` refuses models
     that would run pickled Python code (lambdas); pass False only for files you trust.
     """
+    import foreign_models
     import heads  # noqa: F401 (importing heads, losses and optimizers registers their classes)
     import losses  # noqa: F401
     import optimizers  # noqa: F401
@@ -550,6 +555,10 @@ def load_model(model, custom_objects=None, compile=False, safe_mode=True):
     if isinstance(model, keras.Model):
         return model
     path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model not found: {path}")
+    if foreign_models.foreign_model_kind(path):
+        return import_foreign_model(path)
     _check_model_file(path)
     try:
         return keras.models.load_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
@@ -561,12 +570,10 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def _check_model_file(path):
-    """A clear error for a missing file, an unknown extension, or a file whose content is not what its extension
-    says (Keras would report a text file named ``.keras`` as "File not found")."""
+    """A clear error for an unknown extension, or a file whose content is not what its extension says (Keras would
+    report a text file named ``.keras`` as "File not found")."""
     import zipfile
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model not found: {path}")
     if not path.endswith((".keras", ".h5", ".hdf5")):
         raise ValueError(f"unsupported model file {path!r}: expected a .keras or .h5 file")
     if path.endswith(".keras") and not zipfile.is_zipfile(path):
@@ -587,3 +594,61 @@ def _rebuild_failure(err):
     root = chain[-1]
     where = f"its {layers[-1]} layer " if layers else ""
     return f"{where}failed with {type(root).__name__}: {' '.join(str(root).split())}"
+
+
+def import_foreign_model(path, verbose=True):
+    """A basic model of this library holding a pretrained model of another tool: the backbone and head are built here
+    with the file's architecture and input size, and every weight is assigned (``foreign_models``); the result
+    trains, saves and takes heads like any built-in model. Its input is the library's ``(x - 127.5) * 0.0078125``."""
+    import foreign_models
+
+    foreign = foreign_models.read_foreign_model(path)
+    model = foreign_models.assign_weights(buildin_models(foreign.backbone, **foreign.head), foreign)
+    if verbose:
+        print(f">>>> Imported {foreign.description}")
+    return model
+
+
+def load_weights(model, path):
+    """Load the weights in ``path`` into ``model``: Keras weights or a Keras model file (``model.load_weights``), or a
+    pretrained model of another tool, imported and copied layer by layer (``copy_weights``)."""
+    import foreign_models
+
+    if foreign_models.foreign_model_kind(path):
+        return copy_weights(import_foreign_model(path), model)
+    model.load_weights(path)
+    return model
+
+
+def copy_weights(source, target):
+    """Copy every weight (and batch-norm epsilon) of ``source`` into the layer of the same name in ``target``. The two
+    must be the same network:
+    the same layers holding weights, with the same shapes, and the same padding layers (a network padded the PyTorch
+    way computes other outputs from the same weights)."""
+    source_layers, target_layers = (
+        {ll.name: ll for ll in _flat_layers(source)},
+        {ll.name: ll for ll in _flat_layers(target)},
+    )
+
+    def named(layers, kind):
+        return {name for name, layer in layers.items() if kind(layer)}
+
+    for kind, what in ((lambda layer: bool(layer.weights), "weights"), (_is_padding, "padding")):
+        differ = sorted(named(source_layers, kind) ^ named(target_layers, kind))
+        if differ:
+            side = "the pretrained model" if differ[0] in source_layers else "the model"
+            raise ValueError(f"layer '{differ[0]}' ({what}) is only in {side}: {source.name} is another network")
+    for name, layer in ((name, layer) for name, layer in source_layers.items() if layer.weights):
+        found, needed = [tuple(w.shape) for w in layer.weights], [tuple(w.shape) for w in target_layers[name].weights]
+        if found != needed:
+            raise ValueError(
+                f"layer '{name}': weights of shapes {found} in the pretrained model, the model needs {needed}"
+            )
+        target_layers[name].set_weights(layer.get_weights())
+        if isinstance(layer, keras.layers.BatchNormalization):  # the statistics were gathered with this epsilon
+            target_layers[name].epsilon = layer.epsilon
+    return target
+
+
+def _is_padding(layer):
+    return isinstance(layer, keras.layers.ZeroPadding2D)

@@ -98,8 +98,8 @@ class Train:
             self.basic_model = models.load_model(basic_model, custom_objects)
         else:
             raise ValueError("give basic_model (a model or a saved basic model file) or model (a saved full model)")
-        if pretrained:
-            self.basic_model.load_weights(pretrained)
+        if pretrained:  # Keras weights, or a pretrained model of another tool copied layer by layer
+            models.load_weights(self.basic_model, pretrained)
         if self.config.mixed_precision:  # backbone in float16 / bfloat16; embedding, heads and losses stay float32
             keras.mixed_precision.set_global_policy(self.config.mixed_precision)
             self.basic_model = models.convert_to_mixed_float16(self.basic_model, self.config.mixed_precision)

@@ -3,11 +3,25 @@
 import keras
 
 
-def conv_bn_prelu(inputs, filters, kernel_size, strides=1, name=""):
-    """Conv2D (no bias, same padding) -> BatchNormalization -> per-channel PReLU."""
-    nn = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False, name=name + "conv")(
-        inputs
-    )
+def conv_padding(inputs, kernel_size, strides=1, symmetric_padding=False, name=""):
+    """``(inputs, padding)`` for a convolution: ``"same"``, or with ``symmetric_padding`` a ``ZeroPadding2D`` of
+    ``kernel_size // 2`` pixels on every side followed by ``"valid"``.
+
+    The two differ only for strided convolutions on even sizes: TensorFlow's "same" pads 0 pixels before and 1
+    after, PyTorch and MXNet pad 1 on both sides, so each samples other pixels. Weights trained there need the
+    symmetric form (``name + "pad"``); stride-1 odd kernels and 1x1 convolutions are the same both ways.
+    """
+    if not symmetric_padding or strides == 1 or kernel_size == 1:
+        return inputs, "same"
+    return keras.layers.ZeroPadding2D(kernel_size // 2, name=name + "pad")(inputs), "valid"
+
+
+def conv_bn_prelu(inputs, filters, kernel_size, strides=1, groups=1, symmetric_padding=False, name=""):
+    """Conv2D (no bias; ``groups`` > 1 a grouped conv) -> BatchNormalization -> per-channel PReLU."""
+    inputs, padding = conv_padding(inputs, kernel_size, strides, symmetric_padding, name)
+    nn = keras.layers.Conv2D(
+        filters, kernel_size, strides=strides, padding=padding, groups=groups, use_bias=False, name=name + "conv"
+    )(inputs)
     nn = keras.layers.BatchNormalization(name=name + "bn")(nn)
     return keras.layers.PReLU(shared_axes=[1, 2], name=name + "prelu")(nn)
 

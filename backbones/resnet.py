@@ -9,7 +9,14 @@ import keras
 
 from backbones import blocks
 
-IRESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 101: (3, 4, 23, 3)}
+IRESNET_DEPTHS = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 14, 3),
+    100: (3, 13, 30, 3),
+    101: (3, 4, 23, 3),
+    200: (6, 26, 60, 6),
+}
 IRESNET_FILTERS = (64, 128, 256, 512)
 IRESNET_BN_EPSILON = 1e-5
 
@@ -18,13 +25,14 @@ def _batch_norm(name):
     return keras.layers.BatchNormalization(epsilon=IRESNET_BN_EPSILON, name=name)
 
 
-def basic_block(inputs, filters, strides, use_se, name):
+def basic_block(inputs, filters, strides, use_se, name, symmetric_padding=False):
     """Insightface ``IBasicBlock``; returns ``shortcut + residual`` through an ``Add`` layer."""
     nn = _batch_norm(name + "1_bn")(inputs)
     nn = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name + "1_conv")(nn)
     nn = _batch_norm(name + "2_bn")(nn)
     nn = keras.layers.PReLU(shared_axes=[1, 2], name=name + "2_prelu")(nn)
-    nn = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name + "2_conv")(nn)
+    nn, padding = blocks.conv_padding(nn, 3, strides, symmetric_padding, name=name + "2_")
+    nn = keras.layers.Conv2D(filters, 3, strides=strides, padding=padding, use_bias=False, name=name + "2_conv")(nn)
     nn = _batch_norm(name + "3_bn")(nn)
     if use_se:
         nn = blocks.se_block(nn, reduction=16, name=name + "se_")
@@ -36,17 +44,34 @@ def basic_block(inputs, filters, strides, use_se, name):
     return keras.layers.Add(name=name + "add")([shortcut, nn])
 
 
-def iresnet(depth, input_shape=(112, 112, 3), use_se=False, name=None):
-    """Build IResNet-``depth`` (18 / 34 / 50 / 100 / 101) up to the last stage; output (H/16, W/16, 512)."""
-    if depth not in IRESNET_DEPTHS:
+def iresnet(
+    depth,
+    input_shape=(112, 112, 3),
+    use_se=False,
+    name=None,
+    blocks_per_stage=None,
+    filters=IRESNET_FILTERS,
+    symmetric_padding=False,
+):
+    """Build IResNet-``depth`` (a key of ``IRESNET_DEPTHS``) up to the last stage; output (H/16, W/16, filters[-1]).
+
+    ``blocks_per_stage`` and ``filters`` (one per stage; the stem has ``filters[0]``) build other sizes, e.g. the
+    small networks of tests; ``symmetric_padding`` pads the strided convolutions as PyTorch and MXNet do, which
+    networks trained there need (``blocks.conv_padding``).
+    """
+    if blocks_per_stage is None and depth not in IRESNET_DEPTHS:
         raise ValueError(f"IResNet depth must be one of {sorted(IRESNET_DEPTHS)}, got {depth}")
+    blocks_per_stage = blocks_per_stage or IRESNET_DEPTHS[depth]
+    if len(blocks_per_stage) != len(filters):
+        raise ValueError(f"{len(blocks_per_stage)} stages of blocks for {len(filters)} stage widths")
     name = name or "{}r{}".format("se_" if use_se else "", depth)
     inputs = keras.layers.Input(shape=input_shape)
-    nn = keras.layers.Conv2D(64, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    nn = keras.layers.Conv2D(filters[0], 3, padding="same", use_bias=False, name="stem_conv")(inputs)
     nn = _batch_norm("stem_bn")(nn)
     nn = keras.layers.PReLU(shared_axes=[1, 2], name="stem_prelu")(nn)
-    for stage_id, (repeats, filters) in enumerate(zip(IRESNET_DEPTHS[depth], IRESNET_FILTERS)):
+    for stage_id, (repeats, stage_filters) in enumerate(zip(blocks_per_stage, filters)):
         for block_id in range(repeats):
             strides = 2 if block_id == 0 else 1
-            nn = basic_block(nn, filters, strides, use_se, name=f"stack{stage_id + 1}_block{block_id + 1}_")
+            block_name = f"stack{stage_id + 1}_block{block_id + 1}_"
+            nn = basic_block(nn, stage_filters, strides, use_se, block_name, symmetric_padding)
     return keras.models.Model(inputs, nn, name=name)
