@@ -188,10 +188,15 @@ class Train:
         train_ds = self._dataset(stage.image_per_class)
         accumulation = self.config.gradient_accumulation_steps
         updates_per_epoch = max(1, train_ds.steps_per_epoch // accumulation)  # each update takes that many batches
-        nan_guard, gently_stop = myCallbacks.NanLossGuard(), myCallbacks.GentlyStop()
-        callbacks = self._callbacks(stage, nan_guard, gently_stop, train_ds, updates_per_epoch)
-        make_worker_dataset = lambda batch_size, shard: self._dataset(stage.image_per_class, batch_size, shard).dataset  # noqa: E731
+        worker_ds = []  # with several workers: this worker's share of the input (it reports its skipped images)
+
+        def make_worker_dataset(batch_size, shard):
+            worker_ds.append(self._dataset(stage.image_per_class, batch_size, shard))
+            return worker_ds[-1].dataset
+
         iterator = iter(self.runner.distribute(train_ds.dataset, self.global_batch_size, make_worker_dataset))
+        nan_guard, gently_stop = myCallbacks.NanLossGuard(), myCallbacks.GentlyStop()
+        callbacks = self._callbacks(stage, nan_guard, gently_stop, (worker_ds or [train_ds])[-1], updates_per_epoch)
         run_steps = self.runner.train_function(stage, self.classes)
         epochs, images_per_update = (initial_epoch, initial_epoch + epoch), self.global_batch_size * accumulation
         self.runner.fit(stage.model, run_steps, iterator, callbacks, epochs, updates_per_epoch, images_per_update)
@@ -266,7 +271,7 @@ def parse_arguments(argv=None):
     )
     parser.add_argument("--config", help="recipe file (see recipes/)")
     parser.add_argument("--demo", action="store_true", help="the synthetic demo run (= --config recipes/demo.py)")
-    parser.add_argument("--data_path", help="training data: class folder, image-list .npz or distillation .tfrecord")
+    parser.add_argument("--data_path", help="training data: class folder, .rec, shard folder, .npz or .tfrecord")
     parser.add_argument("--save_path", help="checkpoint file of the full model (.keras or .h5)")
     parser.add_argument("--batch_size", type=int, help="batch size per replica")
     parser.add_argument("--lr_base", type=float, help="base learning rate")
