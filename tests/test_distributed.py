@@ -10,6 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import write_tagged_rec
+
+import shards
 
 pytestmark = pytest.mark.slow  # trains models or starts processes
 
@@ -49,11 +52,16 @@ def _free_ports(count):
 
 
 def test_two_worker_multiworker_epoch(demo_small, tmp_path):
+    """Two workers train in step; each reads its own half of a .rec and of a shard folder, and together they see
+    every image once per epoch."""
+    rec_dir, shard_dir = str(tmp_path / "tagged_rec"), str(tmp_path / "tagged_shards")
+    write_tagged_rec(rec_dir, [3, 2, 4, 3, 4])  # 16 tagged images: one step of 8 images per worker and epoch
+    shards.write_shards(rec_dir, shard_dir, num_shards=4, cache_dir=str(tmp_path / "cache"), progress=False)
     ports = [str(port) for port in _free_ports(2)]
     job = os.path.join(HERE, "multiworker_job.py")
     procs = [
         subprocess.Popen(
-            [sys.executable, job, *ports, str(index), demo_small["train_dir"], str(tmp_path)],
+            [sys.executable, job, *ports, str(index), demo_small["train_dir"], str(tmp_path), rec_dir, shard_dir],
             env=ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -76,3 +84,6 @@ def test_two_worker_multiworker_epoch(demo_small, tmp_path):
     assert chief["trainable"] == pytest.approx(other["trainable"], rel=1e-6)  # workers stay in sync
     assert os.path.exists(tmp_path / "mw.keras") and os.path.exists(tmp_path / "mw_hist.json")
     assert os.path.exists(tmp_path / "worker_1" / "mw.keras")  # the non-chief never overwrites the chief's files
+    for path in (rec_dir, shard_dir):
+        for first, second in zip(chief["tags"][path], other["tags"][path]):
+            assert len(first) == len(second) == 8 and sorted(first + second) == list(range(16)), path

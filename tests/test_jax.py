@@ -3,12 +3,14 @@ loads on TensorFlow with the same embeddings."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+from helpers import write_tagged_rec
 
 import models
 
@@ -37,3 +39,40 @@ def test_jax_data_parallel_equals_one_device_and_the_model_loads_on_tensorflow(t
         basic = models.extract_basic_model(models.load_model(result["saved"]))
         images = np.load(tmp_path / "probe_images.npy")
         np.testing.assert_allclose(basic(images), np.load(tmp_path / "jax_embeddings.npy"), atol=1e-5)
+
+
+def test_two_jax_processes_read_their_own_halves_of_a_rec_and_train_in_step(tmp_path):
+    """Two processes joined by ``jax.distributed`` (loopback, gloo): each reads its own half of a .rec's images
+    into the global batch, together every image once per epoch, and both end with the same weights."""
+    rec_dir = str(tmp_path / "rec")
+    write_tagged_rec(rec_dir, [3, 2, 4, 3, 4])  # 16 tagged images: per epoch 2 global batches of 8
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    job = os.path.join(HERE, "jax_multiprocess_job.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, job, port, str(index), rec_dir, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+            results.append(json.loads(stdout.split("RESULT")[-1]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    first, second = sorted(results, key=lambda row: row["index"])
+    assert first["processes"] == 2 and first["devices"] == 2 and first["chief"] and not second["chief"]
+    for mine, theirs in zip(first["tags"], second["tags"]):
+        assert len(mine) == len(theirs) == 8 and sorted(mine + theirs) == list(range(16))
+    assert first["loss"] == second["loss"] and np.isfinite(first["loss"]).all()
+    assert first["trainable"] == pytest.approx(second["trainable"], rel=1e-6)

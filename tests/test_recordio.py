@@ -333,3 +333,35 @@ def test_damaged_shard_is_refused(rec_dir, tmp_path):
         ff.truncate(50)
     with pytest.raises(ValueError, match="50 bytes, the index says"):
         data.prepare_dataset(str(tmp_path / "sh"), batch_size=4, **OPTIONS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["rec", "shards"])
+def test_train_epochs_from_a_rec_or_shards_and_name_a_corrupt_record(tmp_path, source):
+    import keras
+    from helpers import tiny_basic_model
+
+    import losses
+    import myCallbacks
+    import train
+
+    paths = {}
+    for name, overrides in (("clean", None), ("corrupt", {6: b"garbage"})):
+        paths[name] = str(tmp_path / name)
+        write_tagged_rec(paths[name], CLASS_SIZES, overrides=overrides)
+        if source == "shards":
+            shards.write_shards(paths[name], paths[name] + "_sh", 2, cache_dir=str(tmp_path / "c"), progress=False)
+            paths[name] += "_sh"
+    keras.utils.set_random_seed(0)
+    tt = train.Train(
+        paths["clean"], str(tmp_path / "m.keras"), basic_model=tiny_basic_model((8, 8, 3), emb=8), batch_size=4,
+        random_status=-1, verbose=0, plot_history=False,
+    )  # fmt: skip
+    assert (tt.classes, tt.steps_per_epoch, tt.train_ds.num_images) == (5, 4, 16)
+    for tags, labels in _epochs(tt.train_ds, 2):  # the trainer's own input
+        assert sorted(tags) == list(range(16)) and labels == LABELS[tags].tolist()
+    history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": "sgd", "epoch": 2}], 0)
+    assert len(history["loss"]) == 2 and np.isfinite(history["loss"]).all()
+    tt.reset_dataset(paths["corrupt"])
+    with pytest.warns(myCallbacks.UnreadableImagesWarning, match="train.rec record 7"):
+        tt.train([{"loss": losses.ArcfaceLoss(scale=16), "epoch": 1}], 2)
