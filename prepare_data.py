@@ -410,6 +410,22 @@ def _resolve_bin(path, data_dir):
     return path
 
 
+def _add_recordio_arguments(parser):
+    parser.add_argument(
+        "--to-shards",
+        dest="to_shards",
+        metavar="SOURCE",
+        help="Copy a .rec (or its folder) or a class folder into TFRecord shards in -o DIR (no re-encoding)",
+    )
+    parser.add_argument("--shards", type=int, default=0, help="--to-shards: number of shards (0: ~256 MB each)")
+    parser.add_argument("--cache_dir", help="--to-shards: where the index of a .rec is cached")
+    parser.add_argument(
+        "--rebuild_idx",
+        metavar="REC",
+        help="Rebuild the .idx of a .rec with one sequential pass (-o IDX, else next to it)",
+    )
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -443,23 +459,16 @@ def parse_arguments(argv):
     parser.add_argument(
         "--image_size", type=int, nargs="+", default=[112], help="--align: crop size, SIZE or HEIGHT WIDTH"
     )
-    parser.add_argument("--workers", type=int, default=0, help="--align: decode / save threads (0: one per core)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="--align: decode / save threads; --to-shards: processes (0: one per core)",
+    )
     parser.add_argument(
         "--pairs", type=int, default=3000, help="Number of pairs for -B and --bin (half genuine, half impostor)"
     )
-    parser.add_argument(
-        "--to-shards",
-        dest="to_shards",
-        metavar="SOURCE",
-        help="Copy a .rec (or its folder) or a class folder into TFRecord shards in -o DIR (no re-encoding)",
-    )
-    parser.add_argument("--shards", type=int, default=0, help="--to-shards: number of shards (0: ~256 MB each)")
-    parser.add_argument("--cache_dir", help="--to-shards: where the index of a .rec is cached")
-    parser.add_argument(
-        "--rebuild_idx",
-        metavar="REC",
-        help="Rebuild the .idx of a .rec with one sequential pass (-o IDX, else next to it)",
-    )
+    _add_recordio_arguments(parser)
     parser.add_argument("--demo", metavar="DIR", help="Generate the synthetic demo dataset into DIR")
     parser.add_argument("--classes", type=int, default=100, help="Demo: number of training identities")
     parser.add_argument("--images", type=int, default=30, help="Demo: images per identity")
@@ -512,7 +521,10 @@ def main(argv=None):
     if args.to_shards:
         import shards
 
-        print(">>>> Shards:", shards.write_shards(args.to_shards, args.output, args.shards, args.cache_dir))
+        workers = args.workers or os.cpu_count()
+        print(
+            ">>>> Shards:", shards.write_shards(args.to_shards, args.output, args.shards, args.cache_dir, True, workers)
+        )
     if args.align:
         size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
         print(">>>> Aligned:", align_folder(args.align, args.output, size, args.keep, args.workers or None))

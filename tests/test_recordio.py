@@ -251,7 +251,8 @@ def test_shards_of_a_class_folder(tmp_path):
     for tag, label in enumerate(LABELS):
         os.makedirs(folder / str(label), exist_ok=True)
         (folder / str(label) / f"{tag:02d}.png").write_bytes(tagged_image(tag))
-    assert prepare_data.main(["--to-shards", str(folder), "-o", str(tmp_path / "sh"), "--shards", "2"]) == 0
+    command = ["--to-shards", str(folder), "-o", str(tmp_path / "sh"), "--shards", "2", "--cache_dir", str(tmp_path)]
+    assert prepare_data.main(command) == 0
     index, contents = _shard_contents(str(tmp_path / "sh"))
     records = sum(contents.values(), [])
     assert sorted(key for key, _, _ in records) == sorted(f"{label}/{tag:02d}.png" for tag, label in enumerate(LABELS))
@@ -365,3 +366,19 @@ def test_train_epochs_from_a_rec_or_shards_and_name_a_corrupt_record(tmp_path, s
     tt.reset_dataset(paths["corrupt"])
     with pytest.warns(myCallbacks.UnreadableImagesWarning, match="train.rec record 7"):
         tt.train([{"loss": losses.ArcfaceLoss(scale=16), "epoch": 1}], 2)
+
+
+@pytest.mark.slow
+def test_conversion_in_two_processes_writes_the_same_files(rec_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "SHARD_GROUP", 2)  # 4 shards in 2 groups: one per process
+    monkeypatch.setattr(shards, "PARALLEL_MIN_BYTES", 0)
+    written = {}
+    for workers in (1, 2):
+        dest = str(tmp_path / f"sh{workers}")
+        summary = shards.write_shards(rec_dir, dest, 4, cache_dir=str(tmp_path / "c"), progress=False, workers=workers)
+        assert summary["new"] == 16
+        written[workers] = {path.name: path.read_bytes() for path in sorted((tmp_path / f"sh{workers}").iterdir())}
+    assert written[1].keys() == written[2].keys() and len(written[1]) == 5  # 4 shards and the index
+    for name in written[1]:
+        if name != "shards.json":
+            assert written[1][name] == written[2][name], name
