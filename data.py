@@ -274,12 +274,22 @@ def _image_list_source(data_path, options, shard, batch_size):
     return _Source(records, lambda keys: image_names[keys].tolist(), len(image_names), classes, embedding_dim, steps)
 
 
+def _warn_unverified(options, data_path):
+    if options.verify_images:
+        warnings.warn(
+            f"verify_images checks the files of class folders, not {data_path}: its unreadable images are skipped "
+            "and named at the end of each epoch",
+            stacklevel=4,
+        )
+
+
 def _recordio_source(data_path, options, shard, batch_size):
     """An MXNet RecordIO file, keyed by image position: the same index streams as an image list; the records are
     read ``READ_BATCH`` at a time by one Python call (one ``pread`` each, which releases the GIL), so the GIL is
     taken once per batch of records, never per image. No image is written anywhere."""
     import tensorflow as tf
 
+    _warn_unverified(options, data_path)
     index = recordio.load_index(data_path, options.cache_dir)
     reader = recordio.RecordFile(index)
     indices, steps = _sampled_indices(index.labels, options, shard, batch_size)
@@ -320,6 +330,7 @@ def _shard_source(data_path, options, shard, batch_size):
             "image_per_class (P x K batches) needs random access by class, which shards do not give: train "
             "triplet stages from the .rec or the class folder the shards were written from"
         )
+    _warn_unverified(options, data_path)
     index = shards.read_index(data_path)
     files, split_records = _worker_shard_files(index, shard)
     steps = _epoch_steps(index["images"], shard, batch_size)

@@ -7,6 +7,7 @@
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -278,23 +279,42 @@ def parse_arguments(argv=None):
     parser.add_argument("--mixed_precision", choices=("mixed_float16", "mixed_bfloat16"), help="mixed precision")
     parser.add_argument("--epochs_scale", type=float, default=1.0, help="multiply every stage's epochs")
     parser.add_argument("--smoke", action="store_true", help="check the recipe: a few steps on demo data")
+    parser.add_argument("--distribute", choices=("mirrored", "multiworker"), help="see distribution_scope")
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.demo):
         parser.error("give --config RECIPE or --demo")
     return args
 
 
+def distribution_scope(kind):
+    """``--distribute``: ``mirrored`` trains on every GPU of this machine (TensorFlow ``MirroredStrategy``; JAX
+    ``DataParallel``); ``multiworker`` on every machine of the cluster: ``TF_CONFIG`` and ``MultiWorkerMirroredStrategy``,
+    or on JAX ``keras.distribution.initialize()`` from the ``KERAS_DISTRIBUTION_*`` variables. None: the default."""
+    if kind is None:
+        return contextlib.nullcontext()
+    if keras.backend.backend() == "jax":
+        if kind == "multiworker":
+            keras.distribution.initialize()
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        return contextlib.nullcontext()
+    strategy = (
+        tf.distribute.MultiWorkerMirroredStrategy() if kind == "multiworker" else tf.distribute.MirroredStrategy()
+    )
+    return strategy.scope()
+
+
 def main(argv=None):
     args = parse_arguments(argv)
-    overrides = {key: getattr(args, key) for key in recipe.OVERRIDE_KEYS}
-    loaded = recipe.scale_epochs(
-        recipe.load_recipe(DEMO_RECIPE if args.demo else args.config, overrides), args.epochs_scale
-    )
-    if args.smoke:
-        loaded = recipe.smoke_test(
-            loaded, os.path.join("checkpoints", "smoke", "data"), os.path.join("checkpoints", "smoke")
+    with distribution_scope(args.distribute):  # before the recipe: its optimizers belong to the strategy
+        overrides = {key: getattr(args, key) for key in recipe.OVERRIDE_KEYS}
+        loaded = recipe.scale_epochs(
+            recipe.load_recipe(DEMO_RECIPE if args.demo else args.config, overrides), args.epochs_scale
         )
-    run_recipe(loaded)
+        if args.smoke:
+            loaded = recipe.smoke_test(
+                loaded, os.path.join("checkpoints", "smoke", "data"), os.path.join("checkpoints", "smoke")
+            )
+        run_recipe(loaded)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,15 @@ def test_two_worker_multiworker_epoch(demo_small, tmp_path):
     for path in (rec_dir, shard_dir):
         for first, second in zip(chief["tags"][path], other["tags"][path]):
             assert len(first) == len(second) == 8 and sorted(first + second) == list(range(16)), path
+
+
+def test_distribute_option_opens_the_strategy_scope():
+    import tensorflow as tf
+
+    import train
+
+    with train.distribution_scope("mirrored"):
+        assert isinstance(tf.distribute.get_strategy(), tf.distribute.MirroredStrategy)
+    assert not isinstance(tf.distribute.get_strategy(), tf.distribute.MirroredStrategy)
+    with train.distribution_scope(None):
+        assert not isinstance(tf.distribute.get_strategy(), tf.distribute.MirroredStrategy)
