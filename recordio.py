@@ -14,6 +14,7 @@ without reading the images.
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import struct
@@ -378,8 +379,8 @@ def _check_extent(rec_path, idx_path, keys, offsets, file_size):
 
 def _spans(offsets, file_size):
     """Bytes from each offset to the next larger offset (or to the end of the file)."""
-    distinct = np.unique(offsets)
-    following = np.append(distinct, file_size)[np.searchsorted(distinct, offsets, side="right")]
+    ordered = np.sort(offsets)  # (np.unique hashes: 10x slower on millions of offsets)
+    following = np.append(ordered, file_size)[np.searchsorted(ordered, offsets, side="right")]
     return following - offsets
 
 
@@ -393,11 +394,14 @@ class _Records:
     spans: np.ndarray
     file_size: int
 
+    @functools.cached_property
+    def key_order(self):
+        return np.argsort(self.keys, kind="stable")
+
     def positions_of(self, wanted):
         """Positions in ``keys`` of the keys ``wanted`` (-1 for keys the index does not list)."""
-        order = np.argsort(self.keys, kind="stable")
-        found = np.minimum(np.searchsorted(self.keys, wanted, sorter=order), len(order) - 1)
-        found = order[found]
+        found = np.minimum(np.searchsorted(self.keys, wanted, sorter=self.key_order), len(self.keys) - 1)
+        found = self.key_order[found]
         return np.where(self.keys[found] == wanted, found, -1)
 
     def payload(self, position):
@@ -434,7 +438,7 @@ def _decode_heads(records, positions, heads):
     """The fields of ``_header_fields`` from the raw first bytes of each record (see the module docstring)."""
     words = heads.view("<u4")
     magic, lrec, flags = words[:, 0], words[:, 1], words[:, 2].astype(np.int64)
-    floats = heads.view("<f4").astype(np.float64)
+    floats = heads.view("<f4")
     bad = np.flatnonzero(magic != RECORDIO_MAGIC)
     if len(bad):
         key, offset = records.keys[positions[bad[0]]], records.offsets[positions[bad[0]]]
@@ -442,8 +446,8 @@ def _decode_heads(records, positions, heads):
             f"{records.rec_path}: record {key} at offset {offset}: bad magic 0x{magic[bad[0]]:08x}, not a RecordIO "
             "record (does the .idx belong to this .rec?)"
         )
-    pairs = floats[:, 8:10].copy()
-    classes = np.where(flags > 0, floats[:, 8], floats[:, 3])  # first extra label, or the scalar label
+    pairs = floats[:, 8:10].astype(np.float64)
+    classes = np.where(flags > 0, floats[:, 8], floats[:, 3]).astype(np.float64)  # first extra label, or the label
     needed = IR_SIZE + 4 * np.minimum(flags, 2)
     split = np.flatnonzero(((lrec >> 29) != 0) & ((lrec & LENGTH_MASK) < needed))
     for row in split:  # the magic word inside the header: read the joined payload
@@ -508,10 +512,10 @@ def _classes_from_ranges(records, first, end):
         return None
     counts = stops - starts
     image_keys = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(starts, counts)
+    if (np.bincount(image_keys, minlength=first)[1:] != 1).any():
+        return None  # overlapping ranges, or images in no range
     by_key = np.full(first, -1, np.int64)
     by_key[image_keys] = np.repeat(np.arange(len(starts)), counts)
-    if len(np.unique(image_keys)) != len(image_keys) or (by_key[1:] < 0).any():
-        return None  # overlapping ranges, or images in no range
     return by_key
 
 
