@@ -303,17 +303,17 @@ def _recordio_source(data_path, options, shard, batch_size):
     return _Source(records, names_of, index.num_images, index.classes, 0, steps, is_path=False)
 
 
-def _worker_shard_files(index, shard):
-    """``(files, split by record)``: the shard files this worker reads. With a shard count that divides among the
-    workers, worker ``w`` reads files ``w, w + W, ...`` (balanced shards give each at least ``images // W``);
-    otherwise every worker reads every file and keeps every ``W``-th record."""
+def _worker_shard_files(index, shard, per_epoch):
+    """``(files, split by record)``: the shard files this worker reads. When the shard count divides among the
+    workers and every worker's files hold ``per_epoch`` images (the converter balances shard sizes), worker ``w``
+    reads files ``w, w + W, ...``; otherwise every worker reads every file and keeps every ``W``-th record."""
     workers, worker = shard or (1, 0)
-    files = index["files"]
-    if len(files) % workers == 0:
+    files, sizes = index["files"], index["sizes"]
+    if len(files) % workers == 0 and min(sizes[ii::workers].sum() for ii in range(workers)) >= per_epoch:
         return files[worker::workers], False
     warnings.warn(
-        f"{len(files)} shards do not divide among {workers} workers: each worker reads every shard and keeps every "
-        f"{workers}-th image; write a multiple of {workers} shards to read 1/{workers} each",
+        f"{len(files)} shards do not divide evenly among {workers} workers: each worker reads every shard and keeps "
+        f"every {workers}-th image; write a multiple of {workers} shards to read 1/{workers} each",
         stacklevel=3,
     )
     return files, True
@@ -332,8 +332,8 @@ def _shard_source(data_path, options, shard, batch_size):
         )
     _warn_unverified(options, data_path)
     index = shards.read_index(data_path)
-    files, split_records = _worker_shard_files(index, shard)
     steps = _epoch_steps(index["images"], shard, batch_size)
+    files, split_records = _worker_shard_files(index, shard, steps * batch_size)
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     if not split_records:
         files_ds = files_ds.shuffle(len(files), seed=options.seed, reshuffle_each_iteration=True)
