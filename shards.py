@@ -27,7 +27,6 @@ SHARD_GROUP = 16  # shards written at a time (one sequential stretch of the sour
 TARGET_SHARD_BYTES = 256 << 20
 PARALLEL_MIN_BYTES = 1 << 30  # smaller sources convert in one process: a new one spends seconds importing TensorFlow
 PLAN_FILE = ".shards_plan.json"  # what an unfinished conversion is writing: a resumed run must match it
-FEATURE_KEYS = ("image", "label", "key")
 
 
 def shard_name(shard, num_shards):

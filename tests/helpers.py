@@ -2,7 +2,9 @@
 
 import io
 import os
+import socket
 import struct
+import subprocess
 
 import keras
 import numpy as np
@@ -197,3 +199,34 @@ def write_tagged_rec(folder, class_sizes, identity_header=True, overrides=None):
     with open(os.path.join(folder, "train.idx"), "w") as ff:
         ff.writelines(idx)
     return labels
+
+
+# ---------------------------------------------------------------------------------------------- distributed jobs
+def free_ports(count):
+    """``count`` free TCP ports on the loopback interface."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def run_together(commands, env, timeout):
+    """Start the processes of one distributed job at once and wait for all: their stdouts, in order. A process that
+    fails fails the test with the end of its stderr; none outlives the call."""
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, stderr[-3000:]
+            outputs.append(stdout)
+    finally:
+        for proc in procs:
+            proc.kill()
+    return outputs

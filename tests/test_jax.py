@@ -3,14 +3,13 @@ loads on TensorFlow with the same embeddings."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
-from helpers import write_tagged_rec
+from helpers import free_ports, run_together, write_tagged_rec
 
 import models
 
@@ -46,30 +45,11 @@ def test_two_jax_processes_read_their_own_halves_of_a_rec_and_train_in_step(tmp_
     into the global batch, together every image once per epoch, and both end with the same weights."""
     rec_dir = str(tmp_path / "rec")
     write_tagged_rec(rec_dir, [3, 2, 4, 3, 4])  # 16 tagged images: per epoch 2 global batches of 8
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_ports(1)[0])
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
     job = os.path.join(HERE, "jax_multiprocess_job.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, job, port, str(index), rec_dir, str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    results = []
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=600)
-            assert proc.returncode == 0, stderr[-3000:]
-            results.append(json.loads(stdout.split("RESULT")[-1]))
-    finally:
-        for proc in procs:
-            proc.kill()
+    commands = [[sys.executable, job, port, str(index), rec_dir, str(tmp_path)] for index in range(2)]
+    results = [json.loads(stdout.split("RESULT")[-1]) for stdout in run_together(commands, env, timeout=600)]
     first, second = sorted(results, key=lambda row: row["index"])
     assert first["processes"] == 2 and first["devices"] == 2 and first["chief"] and not second["chief"]
     for mine, theirs in zip(first["tags"], second["tags"]):
