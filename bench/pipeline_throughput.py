@@ -14,6 +14,7 @@ Usage: ``python bench/pipeline_throughput.py [--statuses 0 3] [--sources folder 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,6 +60,8 @@ def make_sources(root, sources, num_shards):
         image_size=112,
     )
     found = {"folder": paths["train_dir"]}
+    for folder in ("rec", "shards", "cache"):  # written again: a kept --data_dir may hold older ones
+        shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
     if "rec" in sources or "shards" in sources:
         found["rec"] = prepare_data.pack_folder(paths["train_dir"], os.path.join(root, "rec"))["rec"]
     if "shards" in sources:
