@@ -347,32 +347,30 @@ class _Progress:
         self.bar.update(images)
 
 
-def _write_group(items, job, progress=None):
+def _write_group(items, job, progress):
     """Write the missing shards of one group from its source stretch: each to ``<path>.partial``, renamed to its
-    final name once closed. Returns ``(images written, bytes)``; ``progress.add`` is called as it goes."""
+    final name once closed; ``progress.add`` counts the images read and written and the bytes as it goes."""
     import tensorflow as tf
 
     writers = {shard: tf.io.TFRecordWriter(path + ".partial") for shard, path in job.targets.items()}
-    counts = np.zeros(3, np.int64)  # images read, written and bytes written since the last progress report
-    totals = np.zeros(2, np.int64)
+    shard_of, labels = job.shards.tolist(), items.labels[job.start : job.stop].tolist()
+    pending = [0, 0, 0]  # images read, images written, bytes written: since the last report
     try:
-        for position, (key, image) in enumerate(items.read(job.start, job.stop), job.start):
-            writer = writers.get(int(job.shards[position - job.start]))
+        for offset, (key, image) in enumerate(items.read(job.start, job.stop)):
+            writer = writers.get(shard_of[offset])
             if writer is not None:
-                writer.write(encode_example(image, int(items.labels[position]), key.encode("utf-8", "surrogateescape")))
-                counts += (0, 1, len(image))
-            counts[0] += 1
-            if counts[0] == 1024 and progress is not None:
-                progress.add(*counts.tolist())
-                totals, counts = totals + counts[1:], np.zeros(3, np.int64)
+                writer.write(encode_example(image, labels[offset], key.encode("utf-8", "surrogateescape")))
+                pending[1], pending[2] = pending[1] + 1, pending[2] + len(image)
+            pending[0] += 1
+            if pending[0] == 1024:
+                progress.add(*pending)
+                pending = [0, 0, 0]
     finally:
         for writer in writers.values():
             writer.close()
     for path in job.targets.values():
         tf.io.gfile.rename(path + ".partial", path, overwrite=True)
-    if progress is not None:
-        progress.add(*counts.tolist())
-    return tuple((totals + counts[1:]).tolist())
+    progress.add(*pending)
 
 
 _WORKER_ITEMS = {}  # the source, opened once in each conversion process
@@ -383,7 +381,10 @@ def _open_worker_items(source, cache_dir):
 
 
 def _write_group_in_worker(job):
-    return _write_group(_WORKER_ITEMS["items"], job)
+    """``(images written, bytes)`` of one group written in this conversion process."""
+    with _Progress(0, 0, enabled=False) as progress:
+        _write_group(_WORKER_ITEMS["items"], job, progress)
+    return progress.written, progress.bytes
 
 
 def _write_groups_in_processes(source, cache_dir, jobs, workers, progress):

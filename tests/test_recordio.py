@@ -246,13 +246,15 @@ def test_shards_of_a_rec_hold_the_same_bytes_dealt_round_robin(rec_dir, tmp_path
     assert not [name for name in os.listdir(tmp_path / "sh") if name.startswith(".") or name.endswith(".partial")]
 
 
-def test_shards_of_a_class_folder(tmp_path):
+def test_shards_of_a_class_folder(tmp_path, capsys):
     folder = tmp_path / "folder"
     for tag, label in enumerate(LABELS):
         os.makedirs(folder / str(label), exist_ok=True)
         (folder / str(label) / f"{tag:02d}.png").write_bytes(tagged_image(tag))
     command = ["--to-shards", str(folder), "-o", str(tmp_path / "sh"), "--shards", "2", "--cache_dir", str(tmp_path)]
     assert prepare_data.main(command) == 0
+    progress = capsys.readouterr().err.splitlines()[-1]
+    assert "16/16" in progress and "img/s" in progress and "MB/s" in progress  # the bar: images/s and MB/s
     index, contents = _shard_contents(str(tmp_path / "sh"))
     records = sum(contents.values(), [])
     assert sorted(key for key, _, _ in records) == sorted(f"{label}/{tag:02d}.png" for tag, label in enumerate(LABELS))
