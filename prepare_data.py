@@ -102,8 +102,8 @@ def image_keys_from_header(reader):
     """``(image record keys, announced image count)``: ``1 .. label[0] - 1`` and ``label[0] - 1`` when record 0 is
     an insightface header, else every indexed key and ``None``."""
     if 0 in reader.index:
-        header, _ = unpack_record(reader.read(0))
-        if header.flag >= 2:
+        header, image = unpack_record(reader.read(0))
+        if header.flag >= 2 and not image and 1 <= header.label[0] <= header.label[1]:  # not an image with 2 labels
             return list(range(1, int(header.label[0]))), int(header.label[0]) - 1
     return sorted(reader.index), None
 

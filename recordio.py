@@ -482,10 +482,10 @@ def _labels_from_identity_records(records):
     zero = records.positions_of(np.array([0]))[0]
     if zero < 0:
         return everything, None
-    header, _ = unpack_record(records.payload(zero))
-    if header.flag < 2:
+    header, image = unpack_record(records.payload(zero))
+    first, end = (int(header.label[0]), int(header.label[1])) if header.flag >= 2 else (0, 0)
+    if image or not 1 <= first <= end <= len(records.keys):  # an image with two labels, not the header record
         return everything, None
-    first, end = int(header.label[0]), int(header.label[1])
     positions = records.positions_of(np.arange(1, first))
     if (positions < 0).any():
         warnings.warn(

@@ -175,7 +175,8 @@ SPLIT_COMMENT = b"\0\0" + MAGIC_WORD + b"abcd" + MAGIC_WORD
 
 def write_tagged_rec(folder, class_sizes, identity_header=True, overrides=None):
     """``folder/train.rec`` + ``train.idx``: image ``tag`` (0, 1, ...) is record ``tag + 1`` (with the identity
-    header) or ``tag``, class-major; every third image has a 2-label header ``[class, 0.5]``; image 1 is a JPEG
+    header) or ``tag``, class-major; two images in three (tags 0, 1, 3, 4 ...) have a 2-label header ``[class, 0.5]``
+    (so without the identity header, record 0 is an image with two labels, not a header); image 1 is a JPEG
     whose payload splits into three frames. ``overrides`` maps a tag to the image bytes to store instead.
     Returns the class of each tag."""
     os.makedirs(folder, exist_ok=True)
@@ -184,7 +185,7 @@ def write_tagged_rec(folder, class_sizes, identity_header=True, overrides=None):
     payloads = []
     for tag, label in enumerate(labels.tolist()):
         image = tagged_image(tag, image_format="JPEG", comment=SPLIT_COMMENT) if tag == 1 else tagged_image(tag)
-        payloads.append(image_payload(label, overrides.get(tag, image), (0.5,) if tag % 3 == 1 else ()))
+        payloads.append(image_payload(label, overrides.get(tag, image), (0.5,) if tag % 3 != 2 else ()))
     if identity_header:
         first = len(labels) + 1
         stops = np.cumsum(class_sizes) + 1
