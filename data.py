@@ -1,18 +1,23 @@
-"""Training input: class folders, image-list npz and distillation TFRecords to a ``tf.data`` pipeline.
+"""Training input: class folders, image-list npz, distillation TFRecords, MXNet RecordIO files and TFRecord shard
+folders to a ``tf.data`` pipeline.
 
 ``prepare_dataset`` yields ``(images, targets)`` batches forever: images float32 ``(B, H, W, 3)``, normalized;
 ``targets`` a dict keyed by the ``*_KEY`` names below, labels sparse int32 end to end. Decoding runs in parallel;
 an image that cannot be decoded is skipped and named: ``TrainDataset.skipped`` collects the skipped files, which
 the trainer reports as a Python warning at each epoch end. File formats live in ``formats`` (re-exported here,
-since older scripts import them from ``data``) and augmentation in ``augment``.
+since older scripts import them from ``data``), RecordIO in ``recordio``, shard folders in ``shards`` and
+augmentation in ``augment``. Every source feeds the same decode / augment / batch stages.
 """
 
 import dataclasses
 import os
 import threading
+import warnings
 
 import numpy as np
 
+import recordio
+import shards
 from formats import (  # noqa: F401 (public names scripts import from data)
     DEFAULT_CACHE_DIR,
     IMAGE_EXTENSIONS,
@@ -37,6 +42,7 @@ MIXUP_LABEL_KEY = "label_b"  # with mixup: the label of the image each one was m
 MIXUP_WEIGHT_KEY = "mix"  # with mixup: the weight of LABEL_KEY in the mix (that of MIXUP_LABEL_KEY is 1 - it), (B,)
 
 SKIP_MEMORY = 16  # a run of up to this many unreadable images in a row is reported by name, longer runs by count
+READ_BATCH = 64  # records read (RecordIO) or parsed (shards) per call
 
 
 @dataclasses.dataclass
@@ -48,7 +54,8 @@ class PipelineOptions:
     random_cutout_mask_area: float = 0.0  # probability of a simulated face mask
     mixup_alpha: float = 0.0  # > 0: batch mixup with Beta(alpha, alpha) weights
     image_per_class: int = 0  # > 0: triplet batches of P identities x K = image_per_class images
-    cache_dir: str | None = None  # where the image-list cache of a folder lives
+    cache_dir: str | None = None  # where the image-list cache of a folder (and the index of a .rec) lives
+    shuffle_buffer: int = 20_000  # shard folders: images mixed in the shuffle buffer (encoded, ~7 KB each at 112 px)
     verify_images: bool = False  # decode every image once before training and drop unreadable ones
     seed: int | None = None  # shuffling seed
 
@@ -166,31 +173,65 @@ def pre_process_folder(data_path, cache_dir=None, verify_images=False):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sources: a shuffled, endless stream of (key, name, label[, embedding]) before decoding.
+# Sources: an endless stream of (key, image, label[, embedding]) before decoding, epoch after epoch.
 # ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Source:
     """The records of a training set: ``records`` repeats forever, shuffled; each record starts with a ``key``
-    from which ``names_of(keys)`` gets back file names (for reporting unreadable files)."""
+    from which ``names_of(keys)`` gets back file names (for reporting unreadable files). The image is a file path
+    when ``is_path``, else the encoded bytes. An epoch is ``steps_per_epoch`` batches of this worker's share."""
 
     records: object
     names_of: object
     num_images: int
     classes: int
     embedding_dim: int
+    steps_per_epoch: int
+    is_path: bool = True
 
 
-def _tfrecord_source(data_path, options, shard):
+def _epoch_steps(num_images, shard, batch_size):
+    """Batches per epoch of one worker: its share of the images (``num_images // num_shards``, the smallest share)
+    in whole batches; the same on every worker, so collective steps stay in step."""
+    return max(1, num_images // (1 if shard is None else shard[0]) // batch_size)
+
+
+def _epoch_indices(num_images, options, shard, per_epoch):
+    """Endless image indices: each epoch a new permutation of this worker's share (every ``num_shards``-th image),
+    cut to ``per_epoch`` images, so that an image is seen at most once per epoch (exactly once when the share
+    divides into whole batches). The permutation is drawn in one op, without a shuffle buffer to fill."""
+    import tensorflow as tf
+
+    workers, worker = shard or (1, 0)
+
+    def permutation(seed):
+        share = tf.range(worker, num_images, workers, dtype=tf.int64)
+        return tf.random.experimental.stateless_shuffle(share, seed=tf.stack([seed, 0]))[:per_epoch]
+
+    return tf.data.Dataset.random(seed=options.seed).map(permutation).unbatch()
+
+
+def _sampled_indices(image_classes, options, shard, batch_size):
+    """``(index stream, steps per epoch)`` of an indexed source: P x K triplet order, or shuffled epochs."""
+    steps = _epoch_steps(len(image_classes), shard, batch_size)
+    if options.image_per_class > 0:
+        return _triplet_indices(image_classes, options.image_per_class, options.seed, shard), steps
+    return _epoch_indices(len(image_classes), options, shard, steps * batch_size), steps
+
+
+def _tfrecord_source(data_path, options, shard, batch_size):
     """Distillation TFRecord records, keyed by their image name."""
     records, header = read_distill_tfrecord(data_path)
     records = records if shard is None else records.shard(*shard)
     records = records.map(lambda name, label, embedding: (name, name, label, embedding))
+    steps = _epoch_steps(header["total"], shard, batch_size)
     records = records.shuffle(min(header["total"], 100_000), seed=options.seed, reshuffle_each_iteration=True)
+    records = records.take(steps * batch_size).repeat()
 
     def names_of(keys):
         return [key.decode("utf-8", "surrogateescape") for key in keys]
 
-    return _Source(records.repeat(), names_of, header["total"], header["classes"], header["emb_shape"])
+    return _Source(records, names_of, header["total"], header["classes"], header["emb_shape"], steps)
 
 
 def _triplet_indices(image_classes, image_per_class, seed=None, shard=None):
@@ -217,27 +258,100 @@ def _triplet_indices(image_classes, image_per_class, seed=None, shard=None):
     return ds.map(sample).unbatch()
 
 
-def _image_list_source(data_path, options, shard):
-    """A class folder or image-list npz, keyed by image index: triplet P x K order, or a plain shuffle."""
+def _image_list_source(data_path, options, shard, batch_size):
+    """A class folder or image-list npz, keyed by image index: triplet P x K order, or shuffled epochs."""
     import tensorflow as tf
 
     content = pre_process_folder(data_path, cache_dir=options.cache_dir, verify_images=options.verify_images)
     image_names, image_classes = content["image_names"], content["image_classes"].astype(np.int64)
     embeddings = content.get("embeddings")
-    num_images = len(image_names)
-    if options.image_per_class > 0:
-        indices = _triplet_indices(image_classes, options.image_per_class, options.seed, shard)
-    else:
-        indices = tf.data.Dataset.range(num_images)
-        indices = indices if shard is None else indices.shard(*shard)
-        indices = indices.shuffle(num_images, seed=options.seed, reshuffle_each_iteration=True).repeat()
+    indices, steps = _sampled_indices(image_classes, options, shard, batch_size)
     columns = (image_names, image_classes) if embeddings is None else (image_names, image_classes, embeddings)
     columns = tuple(tf.constant(column) for column in columns)
     records = indices.map(lambda index: (index, *(tf.gather(column, index) for column in columns)))
     embedding_dim = 0 if embeddings is None else embeddings.shape[-1]
-    return _Source(
-        records, lambda keys: image_names[keys].tolist(), num_images, int(image_classes.max()) + 1, embedding_dim
+    classes = int(image_classes.max()) + 1
+    return _Source(records, lambda keys: image_names[keys].tolist(), len(image_names), classes, embedding_dim, steps)
+
+
+def _warn_unverified(options, data_path):
+    if options.verify_images:
+        warnings.warn(
+            f"verify_images checks the files of class folders, not {data_path}: its unreadable images are skipped "
+            "and named at the end of each epoch",
+            stacklevel=4,
+        )
+
+
+def _recordio_source(data_path, options, shard, batch_size):
+    """An MXNet RecordIO file, keyed by image position: the same index streams as an image list; the records are
+    read ``READ_BATCH`` at a time by one Python call (one ``pread`` each, which releases the GIL), so the GIL is
+    taken once per batch of records, never per image. No image is written anywhere."""
+    import tensorflow as tf
+
+    _warn_unverified(options, data_path)
+    index = recordio.load_index(data_path, options.cache_dir)
+    reader = recordio.RecordFile(index)
+    indices, steps = _sampled_indices(index.labels, options, shard, batch_size)
+
+    def read(positions):
+        images, labels = tf.numpy_function(reader.read, [positions], [tf.string, tf.int64], stateful=False)
+        return positions, tf.ensure_shape(images, [None]), tf.ensure_shape(labels, [None])
+
+    records = indices.batch(READ_BATCH).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    names_of = lambda keys: [index.name(key) for key in keys]  # noqa: E731
+    return _Source(records, names_of, index.num_images, index.classes, 0, steps, is_path=False)
+
+
+def _worker_shard_files(index, shard, per_epoch):
+    """``(files, split by record)``: the shard files this worker reads. When the shard count divides among the
+    workers and every worker's files hold ``per_epoch`` images (the converter balances shard sizes), worker ``w``
+    reads files ``w, w + W, ...``; otherwise every worker reads every file and keeps every ``W``-th record."""
+    workers, worker = shard or (1, 0)
+    files, sizes = index["files"], index["sizes"]
+    if len(files) % workers == 0 and min(sizes[ii::workers].sum() for ii in range(workers)) >= per_epoch:
+        return files[worker::workers], False
+    warnings.warn(
+        f"{len(files)} shards do not divide evenly among {workers} workers: each worker reads every shard and keeps "
+        f"every {workers}-th image; write a multiple of {workers} shards to read 1/{workers} each",
+        stacklevel=3,
     )
+    return files, True
+
+
+def _shard_source(data_path, options, shard, batch_size):
+    """A folder of TFRecord shards (``shards``): this worker's shards in a new order each epoch, read in parallel
+    interleave, mixed in a shuffle buffer of ``options.shuffle_buffer`` images and cut to whole batches per epoch.
+    Keyed by the source name each record carries."""
+    import tensorflow as tf
+
+    if options.image_per_class > 0:
+        raise ValueError(
+            "image_per_class (P x K batches) needs random access by class, which shards do not give: train "
+            "triplet stages from the .rec or the class folder the shards were written from"
+        )
+    _warn_unverified(options, data_path)
+    index = shards.read_index(data_path)
+    steps = _epoch_steps(index["images"], shard, batch_size)
+    files, split_records = _worker_shard_files(index, shard, steps * batch_size)
+    files_ds = tf.data.Dataset.from_tensor_slices(files)
+    if not split_records:
+        files_ds = files_ds.shuffle(len(files), seed=options.seed, reshuffle_each_iteration=True)
+    records = files_ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    records = records.shard(*shard) if split_records else records
+    buffer = max(1, min(options.shuffle_buffer, index["images"]))
+    records = records.shuffle(buffer, seed=options.seed, reshuffle_each_iteration=True).take(steps * batch_size)
+
+    def parse(serialized):
+        example = tf.io.parse_example(serialized, shards.feature_spec())
+        return example["key"], example["image"], example["label"]
+
+    records = records.batch(READ_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch().repeat()
+    folder = index["source"]
+    names_of = lambda keys: [os.path.join(folder, key.decode("utf-8", "surrogateescape")) for key in keys]  # noqa: E731
+    return _Source(records, names_of, index["images"], index["classes"], 0, steps, is_path=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,14 +394,15 @@ def _report_gaps(batches, skipped):
 # ---------------------------------------------------------------------------------------------------------
 # The pipeline.
 # ---------------------------------------------------------------------------------------------------------
-def _decode_and_augment(img_shape, options):
-    """The per-record map: decode, augment and normalize the image; build the targets dict."""
+def _decode_and_augment(img_shape, options, is_path=True):
+    """The per-record map: decode (a file path, or the encoded bytes), augment and normalize the image; build the
+    targets dict."""
     import tensorflow as tf
 
     import augment
 
-    def load(seq, recent, name, label, embedding=None):
-        image = decode_image(name, img_shape)
+    def load(seq, recent, image, label, embedding=None):
+        image = decode_image(image, img_shape, is_path=is_path)
         image = augment.random_process_image(image, img_shape, options.random_status, options.random_crop)
         if options.random_cutout_mask_area > 0:
             image = augment.random_cutout_mask(image, options.random_cutout_mask_area)
@@ -317,32 +432,39 @@ def _with_mixup(images, targets, alpha):
     return mixed, dict(targets, **{MIXUP_LABEL_KEY: partner_labels, MIXUP_WEIGHT_KEY: weights})
 
 
-def _open_source(data_path, options, shard):
+def _open_source(data_path, options, shard, batch_size):
     if data_path.endswith((".tfrecord", ".tfrecords")):
-        return _tfrecord_source(data_path, options, shard)
-    return _image_list_source(data_path, options, shard)
+        return _tfrecord_source(data_path, options, shard, batch_size)
+    if recordio.is_recordio(data_path):
+        return _recordio_source(data_path, options, shard, batch_size)
+    if shards.is_shard_folder(data_path):
+        return _shard_source(data_path, options, shard, batch_size)
+    return _image_list_source(data_path, options, shard, batch_size)
 
 
 def prepare_dataset(data_path, batch_size=128, img_shape=(112, 112), shard=None, options=None, **option_values):
-    """Build the training :class:`TrainDataset` from a class folder, an image-list npz or a distill TFRecord.
+    """Build the training :class:`TrainDataset` from a class folder, an image-list npz, a distill TFRecord, an MXNet
+    RecordIO file (a ``.rec`` or a folder holding ``train.rec`` + ``train.idx``) or a folder of TFRecord shards
+    (``shards.json``).
 
     ``options`` (a :class:`PipelineOptions`) and keyword arguments of the same names set sampling and
     augmentation; ``image_per_class > 0`` makes triplet batches (P identities x K images). Unreadable images are
     skipped and recorded in ``TrainDataset.skipped``. ``shard=(num_shards, index)`` keeps one worker's share of the
-    images (of the identities for triplet batches) before anything is decoded; ``classes`` and ``num_images`` still
-    describe the whole dataset, ``steps_per_epoch`` is the shard's.
+    images (of the identities for triplet batches) before anything is read or decoded; ``classes`` and
+    ``num_images`` still describe the whole dataset, ``steps_per_epoch`` is the shard's (the same on every worker).
     """
     import tensorflow as tf
 
     options = dataclasses.replace(options or PipelineOptions(), **option_values)
     img_shape = tuple(int(ii) for ii in img_shape[:2])
-    source = _open_source(os.fspath(data_path), options, shard)
-    skipped = SkippedImages(source.names_of)
     per_class = options.image_per_class
     if per_class > 0:
         batch_size = max(per_class, batch_size // per_class * per_class)
+    source = _open_source(os.fspath(data_path), options, shard, batch_size)
+    skipped = SkippedImages(source.names_of)
     ds = _with_recent_keys(source.records)
-    ds = ds.map(_decode_and_augment(img_shape, options), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    load = _decode_and_augment(img_shape, options, source.is_path)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _report_gaps(ds.ignore_errors().batch(batch_size, drop_remainder=True), skipped)
     if per_class > 0:
         ds = _regroup_by_label(ds.unbatch(), per_class).batch(batch_size, drop_remainder=True)
@@ -350,5 +472,4 @@ def prepare_dataset(data_path, batch_size=128, img_shape=(112, 112), shard=None,
         mix = lambda images, targets: _with_mixup(images, targets, options.mixup_alpha)  # noqa: E731
         ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    steps_per_epoch = max(1, source.num_images // (batch_size * (1 if shard is None else shard[0])))
-    return TrainDataset(ds, steps_per_epoch, source.classes, source.num_images, source.embedding_dim, skipped)
+    return TrainDataset(ds, source.steps_per_epoch, source.classes, source.num_images, source.embedding_dim, skipped)

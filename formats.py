@@ -148,7 +148,7 @@ def _class_sort_key(names):
     return lambda name: name
 
 
-def _folder_fingerprint(data_path):
+def folder_fingerprint(data_path):
     """A cheap signature of a class folder: class dir names and mtimes change whenever images are added/removed."""
     entries = sorted((entry.name, entry.stat().st_mtime_ns) for entry in os.scandir(data_path) if entry.is_dir())
     return hash_strings([f"{name}:{mtime}" for name, mtime in entries])
@@ -217,7 +217,7 @@ def list_images(data_path, cache_dir=None, verifier=None):
         return read_image_list(data_path)
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"training data folder not found: {data_path}")
-    fingerprint = _folder_fingerprint(data_path)
+    fingerprint = folder_fingerprint(data_path)
     cache_file = os.path.join(cache_dir or DEFAULT_CACHE_DIR, os.path.basename(os.path.normpath(data_path)))
     cache_file += "_shuffle.npz"
     cached = _read_cached_list(cache_file, fingerprint, need_verified=verifier is not None)

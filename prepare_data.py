@@ -1,19 +1,13 @@
 #!/usr/bin/env python3
 """Dataset preparation: MXNet RecordIO <-> class folders (pure Python), old-format ``.bin`` re-encoding,
 verification ``.bin`` from a class folder, raw photos -> aligned face crops (``--align``, face detection with
-``face_detector``), and the synthetic demo dataset.
-
-RecordIO layout (dmlc-core, as MXNet writes it): each record is ``uint32 magic 0xced7230a``, ``uint32 lrec``
-(``cflag = lrec >> 29``, ``length = lrec & (2**29 - 1)``) and ``length`` payload bytes padded to 4. The dmlc
-writer splits a payload at every 4-byte-aligned occurrence of the magic word (cflag 1 = first, 2 = middle,
-3 = last part) and drops that word, so joining the parts puts the magic word back between them. A payload is
-a ``'<IfQQ'`` header (flag, label, id, id2), ``flag`` float32 labels when ``flag > 0``, then the image bytes.
+``face_detector``), the synthetic demo dataset, TFRecord shards of a record file or class folder (``--to-shards``)
+and a lost ``.idx`` rebuilt (``--rebuild_idx``). The RecordIO format itself lives in ``recordio``.
 """
 
 import argparse
 import io
 import os
-import struct
 import sys
 import warnings
 from collections import Counter, namedtuple
@@ -22,155 +16,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter 
 
 import numpy as np
 
+from recordio import (  # noqa: F401 (the RecordIO names older scripts import from prepare_data)
+    IR_FORMAT,
+    IR_SIZE,
+    LENGTH_MASK,
+    MAGIC_BYTES,
+    RECORDIO_MAGIC,
+    IRHeader,
+    RecordIOError,
+    RecordIOReader,
+    frame_record,
+    pack_record,
+    read_idx,
+    record_class,
+    unpack_record,
+    write_recordio,
+)
 from utils import atomic_write, run_main, save_bytes
-
-RECORDIO_MAGIC = 0xCED7230A
-MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
-LENGTH_MASK = (1 << 29) - 1
-IR_FORMAT = "<IfQQ"
-IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
-
-IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
-
-
-class RecordIOError(ValueError):
-    """A RecordIO file is malformed or truncated; the message names the file, record key and byte offset."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Record payloads: the '<IfQQ' image-record header.
-# ---------------------------------------------------------------------------------------------------------
-def pack_record(label, image_bytes, record_id=0, id2=0):
-    """Build a record payload: header, then float32 labels if ``label`` is a sequence (multi-label), then image."""
-    if np.ndim(label) == 0:
-        return struct.pack(IR_FORMAT, 0, float(label), record_id, id2) + bytes(image_bytes)
-    labels = np.asarray(label, dtype=np.float32).reshape(-1)
-    return struct.pack(IR_FORMAT, labels.size, 0.0, record_id, id2) + labels.tobytes() + bytes(image_bytes)
-
-
-def unpack_record(payload):
-    """Split a payload into ``(IRHeader, image_bytes)``; a multi-label header's ``label`` is a float32 array."""
-    if len(payload) < IR_SIZE:
-        raise RecordIOError(f"record payload of {len(payload)} bytes is shorter than the {IR_SIZE}-byte header")
-    header = IRHeader(*struct.unpack(IR_FORMAT, payload[:IR_SIZE]))
-    body = payload[IR_SIZE:]
-    if header.flag > 0:
-        if len(body) < 4 * header.flag:
-            raise RecordIOError(f"record payload announces {header.flag} labels but holds only {len(body)} bytes")
-        header = header._replace(label=np.frombuffer(body, np.float32, header.flag).copy())
-        body = body[4 * header.flag :]
-    return header, body
-
-
-def record_class(header):
-    """Class id of an image record: the scalar label, or the first label of a multi-label header."""
-    return int(header.label if np.ndim(header.label) == 0 else header.label[0])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# RecordIO framing: reader and writer.
-# ---------------------------------------------------------------------------------------------------------
-def frame_record(payload):
-    """Frame ``payload`` as dmlc does: split at each 4-byte-aligned magic word into cflag 1/2/3 parts, pad to 4."""
-    payload = bytes(payload)
-    if len(payload) > LENGTH_MASK:
-        raise ValueError(f"RecordIO records must be smaller than 2**29 bytes, got {len(payload)}")
-    cuts = [pos for pos in range(0, len(payload) - 3, 4) if payload[pos : pos + 4] == MAGIC_BYTES]
-    starts, ends = [0] + [pos + 4 for pos in cuts], cuts + [len(payload)]
-    frames = []
-    for index, (start, end) in enumerate(zip(starts, ends)):
-        if len(starts) == 1:
-            cflag = 0
-        else:
-            cflag = 1 if index == 0 else (3 if index == len(starts) - 1 else 2)
-        part = payload[start:end]
-        frames.append(struct.pack("<II", RECORDIO_MAGIC, (cflag << 29) | len(part)) + part + b"\0" * (-len(part) % 4))
-    return b"".join(frames)
-
-
-def write_recordio(rec_path, idx_path, records):
-    """Write ``(key, payload)`` pairs to ``rec_path`` and the ``key\\toffset`` index to ``idx_path``, atomically."""
-    with atomic_write(rec_path) as tmp_rec, atomic_write(idx_path) as tmp_idx:
-        with open(tmp_rec, "wb") as rec_file, open(tmp_idx, "w") as idx_file:
-            for key, payload in records:
-                idx_file.write(f"{int(key)}\t{rec_file.tell()}\n")
-                rec_file.write(frame_record(payload))
-    return rec_path, idx_path
-
-
-def read_idx(idx_path):
-    """Parse a ``.idx`` file into ``{key: offset}`` (file order kept)."""
-    index = {}
-    with open(idx_path) as ff:
-        for line_no, line in enumerate(ff, start=1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != 2:
-                raise RecordIOError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', got {line.strip()!r}")
-            index[int(fields[0])] = int(fields[1])
-    return index
-
-
-class RecordIOReader:
-    """Random access to an indexed RecordIO file: ``reader.read(key)`` returns the joined payload bytes."""
-
-    def __init__(self, rec_path, idx_path):
-        for path in (rec_path, idx_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"RecordIO file not found: {path}")
-        self.rec_path = rec_path
-        self.index = read_idx(idx_path)
-        self.file_size = os.path.getsize(rec_path)
-        self._file = open(rec_path, "rb")  # noqa: SIM115  (closed by close() / the context manager)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        self._file.close()
-
-    @property
-    def keys(self):
-        return list(self.index)
-
-    def read(self, key):
-        """Payload of record ``key`` (split parts joined, padding removed)."""
-        if key not in self.index:
-            raise KeyError(f"{self.rec_path}: record {key} is not in the index")
-        return self.read_at(self.index[key], key)
-
-    def read_at(self, offset, key=None):
-        """Payload of the record starting at byte ``offset``; errors name the record and the offset."""
-        where = f"{self.rec_path}: record {key} at offset {offset}"
-        self._file.seek(offset)
-        parts = []
-        while True:
-            frame_start = self._file.tell()
-            head = self._file.read(8)
-            if len(head) < 8:
-                raise RecordIOError(
-                    f"{where}: truncated file, {len(head)} of 8 header bytes at offset {frame_start} (file size {self.file_size})"
-                )
-            magic, lrec = struct.unpack("<II", head)
-            if magic != RECORDIO_MAGIC:
-                raise RecordIOError(f"{where}: bad magic 0x{magic:08x} at offset {frame_start}, not a RecordIO record")
-            cflag, length = lrec >> 29, lrec & LENGTH_MASK
-            padded = length + (-length % 4)
-            body = self._file.read(padded)
-            if len(body) < padded:
-                raise RecordIOError(
-                    f"{where}: truncated file, record needs {padded} bytes after offset {frame_start + 8} "
-                    f"but only {len(body)} remain (file size {self.file_size})"
-                )
-            if (cflag in (0, 1)) != (not parts):
-                raise RecordIOError(f"{where}: unexpected continuation flag {cflag} at offset {frame_start}")
-            parts.append(body[:length])
-            if cflag in (0, 3):
-                return MAGIC_BYTES.join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,8 +104,8 @@ def image_keys_from_header(reader):
     """``(image record keys, announced image count)``: ``1 .. label[0] - 1`` and ``label[0] - 1`` when record 0 is
     an insightface header, else every indexed key and ``None``."""
     if 0 in reader.index:
-        header, _ = unpack_record(reader.read(0))
-        if header.flag >= 2:
+        header, image = unpack_record(reader.read(0))
+        if header.flag >= 2 and not image and 1 <= header.label[0] <= header.label[1]:  # not an image with 2 labels
             return list(range(1, int(header.label[0]))), int(header.label[0]) - 1
     return sorted(reader.index), None
 
@@ -571,6 +433,22 @@ def _resolve_bin(path, data_dir):
     return path
 
 
+def _add_recordio_arguments(parser):
+    parser.add_argument(
+        "--to-shards",
+        dest="to_shards",
+        metavar="SOURCE",
+        help="Copy a .rec (or its folder) or a class folder into TFRecord shards in -o DIR (no re-encoding)",
+    )
+    parser.add_argument("--shards", type=int, default=0, help="--to-shards: number of shards (0: ~256 MB each)")
+    parser.add_argument("--cache_dir", help="--to-shards: where the index of a .rec is cached")
+    parser.add_argument(
+        "--rebuild_idx",
+        metavar="REC",
+        help="Rebuild the .idx of a .rec with one sequential pass (-o IDX, else next to it)",
+    )
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -604,19 +482,27 @@ def parse_arguments(argv):
     parser.add_argument(
         "--image_size", type=int, nargs="+", default=[112], help="--align: crop size, SIZE or HEIGHT WIDTH"
     )
-    parser.add_argument("--workers", type=int, default=0, help="--align: decode / save threads (0: one per core)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="--align: decode / save threads; --to-shards: processes (0: one per core)",
+    )
     parser.add_argument(
         "--pairs", type=int, default=3000, help="Number of pairs for -B and --bin (half genuine, half impostor)"
     )
+    _add_recordio_arguments(parser)
     parser.add_argument("--demo", metavar="DIR", help="Generate the synthetic demo dataset into DIR")
     parser.add_argument("--classes", type=int, default=100, help="Demo: number of training identities")
     parser.add_argument("--images", type=int, default=30, help="Demo: images per identity")
     parser.add_argument("--seed", type=int, default=0, help="Random seed for --demo, -B and --bin")
     args = parser.parse_args(argv)
-    if not (args.data_dir or args.test_bins or args.pack or args.bin_from_folder or args.demo or args.align):
-        parser.error("nothing to do: give -D, -T, -P, -B, --align or --demo")
-    if (args.pack or args.bin_from_folder or args.align) and not args.output:
-        parser.error("-P, -B and --align need -o")
+    if not (args.data_dir or args.test_bins or args.pack or args.bin_from_folder or args.demo or args.align) and not (
+        args.to_shards or args.rebuild_idx
+    ):
+        parser.error("nothing to do: give -D, -T, -P, -B, --align, --to-shards, --rebuild_idx or --demo")
+    if (args.pack or args.bin_from_folder or args.align or args.to_shards) and not args.output:
+        parser.error("-P, -B, --align and --to-shards need -o")
     if len(args.image_size) > 2 or min(args.image_size) < 1:
         parser.error("--image_size takes SIZE or HEIGHT WIDTH, positive")
     if args.bin and not args.align:
@@ -649,6 +535,19 @@ def main(argv=None):
         print(">>>> Packed:", pack_folder(args.pack, args.output))
     if args.bin_from_folder:
         print(">>>> Bin:", make_bin_from_folder(args.bin_from_folder, args.output, args.pairs, args.seed))
+    if args.rebuild_idx:
+        import recordio
+
+        rec_path = args.rebuild_idx
+        rec_path = os.path.join(rec_path, "train.rec") if os.path.isdir(rec_path) else rec_path
+        print(">>>> Index:", recordio.rebuild_idx(rec_path, args.output))
+    if args.to_shards:
+        import shards
+
+        workers = args.workers or os.cpu_count()
+        print(
+            ">>>> Shards:", shards.write_shards(args.to_shards, args.output, args.shards, args.cache_dir, True, workers)
+        )
     if args.align:
         if args.bin and args.keep != "all":  # one crop per photo at most: the photos bound the pairs
             check_pairs_of_photos(args.align, args.pairs)

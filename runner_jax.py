@@ -48,14 +48,26 @@ class JaxStepRunner(EpochLoop):
         return distribution.scope() if distribution is not None else contextlib.nullcontext()
 
     def distribute(self, dataset, global_batch_size, make_worker_dataset=None):
-        """NumPy batches of a ``tf.data`` dataset, laid out over the devices of the Keras distribution (if set)."""
-        distribution = keras.distribution.distribution()
+        """NumPy batches of a ``tf.data`` dataset, laid out over the devices of the Keras distribution (if set).
+
+        With several processes (``jax.distributed``) and ``make_worker_dataset(batch_size, shard)``, each process
+        reads and decodes only its own share of the files, batches of ``global_batch_size / processes``, which
+        become its rows of the global batch."""
+        distribution, processes = keras.distribution.distribution(), jax.process_count()
+        if processes > 1 and make_worker_dataset is not None:
+            if global_batch_size % processes:
+                raise ValueError(f"the global batch {global_batch_size} does not divide among {processes} processes")
+            dataset = make_worker_dataset(global_batch_size // processes, (processes, jax.process_index()))
         batches = dataset.as_numpy_iterator()
         if distribution is None:
             return batches
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-        return (jax.tree.map(lambda array: jax.device_put(array, sharding), batch) for batch in batches)
+        if processes > 1:  # each process holds its own rows: assemble the global array from them
+            put = lambda array: jax.make_array_from_process_local_data(sharding, array)  # noqa: E731
+        else:
+            put = lambda array: jax.device_put(array, sharding)  # noqa: E731
+        return (jax.tree.map(put, batch) for batch in batches)
 
     # ------------------------------------------------------------------------------------------ the step
     def _state_variables(self, stage):

@@ -7,6 +7,7 @@
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -194,10 +195,15 @@ class Train:
         train_ds = self._dataset(stage.image_per_class)
         accumulation = self.config.gradient_accumulation_steps
         updates_per_epoch = max(1, train_ds.steps_per_epoch // accumulation)  # each update takes that many batches
-        nan_guard, gently_stop = myCallbacks.NanLossGuard(), myCallbacks.GentlyStop()
-        callbacks = self._callbacks(stage, nan_guard, gently_stop, train_ds, updates_per_epoch)
-        make_worker_dataset = lambda batch_size, shard: self._dataset(stage.image_per_class, batch_size, shard).dataset  # noqa: E731
+        worker_ds = []  # with several workers: this worker's share of the input (it reports its skipped images)
+
+        def make_worker_dataset(batch_size, shard):
+            worker_ds.append(self._dataset(stage.image_per_class, batch_size, shard))
+            return worker_ds[-1].dataset
+
         iterator = iter(self.runner.distribute(train_ds.dataset, self.global_batch_size, make_worker_dataset))
+        nan_guard, gently_stop = myCallbacks.NanLossGuard(), myCallbacks.GentlyStop()
+        callbacks = self._callbacks(stage, nan_guard, gently_stop, (worker_ds or [train_ds])[-1], updates_per_epoch)
         run_steps = self.runner.train_function(stage, self.classes)
         epochs, images_per_update = (initial_epoch, initial_epoch + epoch), self.global_batch_size * accumulation
         self.runner.fit(stage.model, run_steps, iterator, callbacks, epochs, updates_per_epoch, images_per_update)
@@ -272,30 +278,49 @@ def parse_arguments(argv=None):
     )
     parser.add_argument("--config", help="recipe file (see recipes/)")
     parser.add_argument("--demo", action="store_true", help="the synthetic demo run (= --config recipes/demo.py)")
-    parser.add_argument("--data_path", help="training data: class folder, image-list .npz or distillation .tfrecord")
+    parser.add_argument("--data_path", help="training data: class folder, .rec, shard folder, .npz or .tfrecord")
     parser.add_argument("--save_path", help="checkpoint file of the full model (.keras or .h5)")
     parser.add_argument("--batch_size", type=int, help="batch size per replica")
     parser.add_argument("--lr_base", type=float, help="base learning rate")
     parser.add_argument("--mixed_precision", choices=("mixed_float16", "mixed_bfloat16"), help="mixed precision")
     parser.add_argument("--epochs_scale", type=float, default=1.0, help="multiply every stage's epochs")
     parser.add_argument("--smoke", action="store_true", help="check the recipe: a few steps on demo data")
+    parser.add_argument("--distribute", choices=("mirrored", "multiworker"), help="see distribution_scope")
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.demo):
         parser.error("give --config RECIPE or --demo")
     return args
 
 
+def distribution_scope(kind):
+    """``--distribute``: ``mirrored`` trains on every GPU of this machine (TensorFlow ``MirroredStrategy``; JAX
+    ``DataParallel``); ``multiworker`` on every machine of the cluster: ``TF_CONFIG`` and ``MultiWorkerMirroredStrategy``,
+    or on JAX ``keras.distribution.initialize()`` from the ``KERAS_DISTRIBUTION_*`` variables. None: the default."""
+    if kind is None:
+        return contextlib.nullcontext()
+    if keras.backend.backend() == "jax":
+        if kind == "multiworker":
+            keras.distribution.initialize()
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        return contextlib.nullcontext()
+    strategy = (
+        tf.distribute.MultiWorkerMirroredStrategy() if kind == "multiworker" else tf.distribute.MirroredStrategy()
+    )
+    return strategy.scope()
+
+
 def main(argv=None):
     args = parse_arguments(argv)
-    overrides = {key: getattr(args, key) for key in recipe.OVERRIDE_KEYS}
-    loaded = recipe.scale_epochs(
-        recipe.load_recipe(DEMO_RECIPE if args.demo else args.config, overrides), args.epochs_scale
-    )
-    if args.smoke:
-        loaded = recipe.smoke_test(
-            loaded, os.path.join("checkpoints", "smoke", "data"), os.path.join("checkpoints", "smoke")
+    with distribution_scope(args.distribute):  # before the recipe: its optimizers belong to the strategy
+        overrides = {key: getattr(args, key) for key in recipe.OVERRIDE_KEYS}
+        loaded = recipe.scale_epochs(
+            recipe.load_recipe(DEMO_RECIPE if args.demo else args.config, overrides), args.epochs_scale
         )
-    run_recipe(loaded)
+        if args.smoke:
+            loaded = recipe.smoke_test(
+                loaded, os.path.join("checkpoints", "smoke", "data"), os.path.join("checkpoints", "smoke")
+            )
+        run_recipe(loaded)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ over 10 % of the classes (every class of the global batch plus random negatives)
 Settings after insightface's arcface_torch ``glint360k_r100``: CosFace margin 0.4 (combined margin (1, 0, 0.4)),
 SGD 0.1 with momentum 0.9 and weight decay 1e-4 (coupled, as PyTorch's SGD: an L2 of ``wd / 2``), 20 epochs,
 mixed precision. With Partial FC, SGD becomes ``optimizers.LazySGD``: only the sampled centers and their momentum
-change in a step. Batch 128 per GPU: run it under ``tf.distribute.MirroredStrategy`` on 8 GPUs.
+change in a step. Batch 128 per GPU: ``python train.py --config recipes/glint360k_r100_partial_fc.py --distribute
+mirrored`` on 8 GPUs. Data: the insightface RecordIO folder, read as it is (or its shards, ``prepare_data.py
+--to-shards``).
 """
 
 import keras
@@ -12,7 +14,7 @@ import keras
 import losses
 import models
 
-DATA = "/datasets/glint360k_112x112_folders"
+DATA = "/datasets/glint360k"  # train.rec + train.idx
 BINS = "/datasets/glint360k"
 EPOCHS = 20
 

@@ -1,7 +1,8 @@
 """MobileNet, embedding 256 (GDC), on MS1M (insightface's faces_emore): softmax + center loss, then ArcFace + triplet.
 
 Keras_insightface's headline recipe; its model reached LFW 0.9960, CFP-FP 0.9517, AgeDB-30 0.9593, IJB-B 0.8871,
-IJB-C 0.9117 (TAR at FAR 1e-4). Data: ``prepare_data.py -D /datasets/faces_emore`` gives the class folder.
+IJB-C 0.9117 (TAR at FAR 1e-4). Data: the insightface RecordIO folder (``train.rec``, ``train.idx``, the ``.bin``
+files), read as it is; a class folder (``prepare_data.py -D``) works the same.
 """
 
 import keras
@@ -9,7 +10,7 @@ import keras
 import losses
 import models
 
-DATA = "/datasets/faces_emore_112x112_folders"
+DATA = "/datasets/faces_emore"  # train.rec + train.idx
 BINS = "/datasets/faces_emore"
 
 

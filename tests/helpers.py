@@ -1,5 +1,11 @@
 """Helpers shared by tests and the subprocess jobs they start (plain functions: the jobs cannot use fixtures)."""
 
+import io
+import os
+import socket
+import struct
+import subprocess
+
 import keras
 import numpy as np
 
@@ -110,3 +116,118 @@ def np_arcface(cosines, labels, m1, m2, m3, scale, ls=0.0):
     target = np.cos(m1 * np.arccos(cos_y) + m2) - m3
     target = np.where(cos_y > np.cos((np.pi - m2) / m1), target, (-1 - m3) * 2 - target)
     return np_cross_entropy(labels, np_with_target(cosines, labels, target) * scale, ls)
+
+
+# ---------------------------------------------------------------------------------------------- RecordIO test data
+# Written here from the published layout, independently of the library's writer: a frame is uint32 magic 0xced7230a,
+# uint32 lrec (cflag << 29 | length), the payload padded to 4; a payload splits at every 4-aligned magic word into
+# cflag 1 / 2 / 3 parts (the word dropped). A payload is struct '<IfQQ' (flag, label, id, id2), `flag` float32 labels
+# when flag > 0, then the image. Record 0 of an insightface set holds labels [first identity record, end]; identity
+# record first + c holds the image-key range [start, stop) of class c.
+RECORDIO_MAGIC = 0xCED7230A
+MAGIC_WORD = struct.pack("<I", RECORDIO_MAGIC)
+TAG_STEP = 10  # a tagged image is flat: red 10 * (tag % 25) + 5, green 10 * (tag // 25) + 5
+
+
+def tagged_image(tag, size=8, image_format="PNG", comment=None):
+    """Encoded flat image whose colour says ``tag``; a JPEG ``comment`` goes in a COM segment right after SOI."""
+    from PIL import Image
+
+    pixel = (TAG_STEP * (tag % 25) + 5, TAG_STEP * (tag // 25) + 5, 128)
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), pixel, np.uint8)).save(buffer, format=image_format, quality=95)
+    encoded = buffer.getvalue()
+    if comment is not None:
+        encoded = encoded[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + encoded[2:]
+    return encoded
+
+
+def tags_of(images, scale=0.0078125):
+    """Tags of a batch of normalized images ``(x - 127.5) * scale`` (first pixel)."""
+    pixels = np.asarray(images)[:, 0, 0, :2] / scale + 127.5
+    red, green = (np.rint((pixels[:, ii] - 5) / TAG_STEP).astype(int) for ii in (0, 1))
+    return (red + 25 * green).tolist()
+
+
+def record_frames(payload):
+    """The framed bytes of one record payload (split at 4-aligned magic words, cflag 1/2/3)."""
+    cuts = [pos for pos in range(0, len(payload) - 3, 4) if payload[pos : pos + 4] == MAGIC_WORD]
+    parts = [payload[start:end] for start, end in zip([0] + [cut + 4 for cut in cuts], cuts + [len(payload)])]
+    flags = [0] if len(parts) == 1 else [1] + [2] * (len(parts) - 2) + [3]
+    return b"".join(
+        struct.pack("<II", RECORDIO_MAGIC, (flag << 29) | len(part)) + part + b"\0" * (-len(part) % 4)
+        for flag, part in zip(flags, parts)
+    )
+
+
+def image_payload(label, image, extra_labels=()):
+    """A record payload: the '<IfQQ' header (flag = number of float labels; 0 for a scalar label), labels, image."""
+    if not extra_labels:
+        return struct.pack("<IfQQ", 0, float(label), 0, 0) + image
+    labels = [float(label), *extra_labels]
+    return struct.pack("<IfQQ", len(labels), 0.0, 0, 0) + struct.pack(f"<{len(labels)}f", *labels) + image
+
+
+# After the 24-byte header, two float labels (8 bytes) and the JPEG's SOI + COM header (6 bytes), b"\0\0" puts the
+# first magic word at payload offset 40 and the next at 48: both 4-aligned, so the record is written in three parts.
+SPLIT_COMMENT = b"\0\0" + MAGIC_WORD + b"abcd" + MAGIC_WORD
+
+
+def write_tagged_rec(folder, class_sizes, identity_header=True, overrides=None):
+    """``folder/train.rec`` + ``train.idx``: image ``tag`` (0, 1, ...) is record ``tag + 1`` (with the identity
+    header) or ``tag``, class-major; two images in three (tags 0, 1, 3, 4 ...) have a 2-label header ``[class, 0.5]``
+    (so without the identity header, record 0 is an image with two labels, not a header); image 1 is a JPEG
+    whose payload splits into three frames. ``overrides`` maps a tag to the image bytes to store instead.
+    Returns the class of each tag."""
+    os.makedirs(folder, exist_ok=True)
+    labels = np.repeat(np.arange(len(class_sizes)), class_sizes)
+    overrides = overrides or {}
+    payloads = []
+    for tag, label in enumerate(labels.tolist()):
+        image = tagged_image(tag, image_format="JPEG", comment=SPLIT_COMMENT) if tag == 1 else tagged_image(tag)
+        payloads.append(image_payload(label, overrides.get(tag, image), (0.5,) if tag % 3 != 2 else ()))
+    if identity_header:
+        first = len(labels) + 1
+        stops = np.cumsum(class_sizes) + 1
+        ranges = [image_payload(stop - size, b"", (stop,)) for size, stop in zip(class_sizes, stops)]
+        payloads = [image_payload(first, b"", (first + len(class_sizes),))] + payloads + ranges
+    rec, idx = b"", []
+    for key, payload in enumerate(payloads):
+        idx.append(f"{key}\t{len(rec)}\n")
+        rec += record_frames(payload)
+    with open(os.path.join(folder, "train.rec"), "wb") as ff:
+        ff.write(rec)
+    with open(os.path.join(folder, "train.idx"), "w") as ff:
+        ff.writelines(idx)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------- distributed jobs
+def free_ports(count):
+    """``count`` free TCP ports on the loopback interface."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def run_together(commands, env, timeout):
+    """Start the processes of one distributed job at once and wait for all: their stdouts, in order. A process that
+    fails fails the test with the end of its stderr; none outlives the call."""
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, stderr[-3000:]
+            outputs.append(stdout)
+    finally:
+        for proc in procs:
+            proc.kill()
+    return outputs

@@ -5,11 +5,13 @@ Both run in subprocesses: logical devices and TF_CONFIG must be set before Tenso
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import free_ports, run_together, write_tagged_rec
+
+import shards
 
 pytestmark = pytest.mark.slow  # trains models or starts processes
 
@@ -38,41 +40,37 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
         assert row["loss_single"][1] != row["loss_single"][0]  # the two epochs really trained
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def test_two_worker_multiworker_epoch(demo_small, tmp_path):
-    ports = [str(port) for port in _free_ports(2)]
+    """Two workers train in step; each reads its own half of a .rec and of a shard folder, and together they see
+    every image once per epoch."""
+    rec_dir, shard_dir = str(tmp_path / "tagged_rec"), str(tmp_path / "tagged_shards")
+    write_tagged_rec(rec_dir, [3, 2, 4, 3, 4])  # 16 tagged images: one step of 8 images per worker and epoch
+    shards.write_shards(rec_dir, shard_dir, num_shards=4, cache_dir=str(tmp_path / "cache"), progress=False)
+    ports = [str(port) for port in free_ports(2)]
     job = os.path.join(HERE, "multiworker_job.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, job, *ports, str(index), demo_small["train_dir"], str(tmp_path)],
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    commands = [
+        [sys.executable, job, *ports, str(index), demo_small["train_dir"], str(tmp_path), rec_dir, shard_dir]
         for index in range(2)
     ]
-    outputs = []
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=400)
-            assert proc.returncode == 0, stderr[-3000:]
-            outputs.append(_json_lines(stdout)[-1])
-    finally:
-        for proc in procs:
-            proc.kill()
+    outputs = [_json_lines(stdout)[-1] for stdout in run_together(commands, ENV, timeout=400)]
     chief, other = sorted(outputs, key=lambda row: row["index"])
     assert chief["chief"] and not other["chief"] and chief["workers"] == other["workers"] == 2
     assert chief["loss"] == pytest.approx(other["loss"]) and len(chief["loss"]) == 1
     assert chief["trainable"] == pytest.approx(other["trainable"], rel=1e-6)  # workers stay in sync
     assert os.path.exists(tmp_path / "mw.keras") and os.path.exists(tmp_path / "mw_hist.json")
     assert os.path.exists(tmp_path / "worker_1" / "mw.keras")  # the non-chief never overwrites the chief's files
+    for path in (rec_dir, shard_dir):
+        for first, second in zip(chief["tags"][path], other["tags"][path]):
+            assert len(first) == len(second) == 8 and sorted(first + second) == list(range(16)), path
+
+
+def test_distribute_option_opens_the_strategy_scope():
+    import tensorflow as tf
+
+    import train
+
+    with train.distribution_scope("mirrored"):
+        assert isinstance(tf.distribute.get_strategy(), tf.distribute.MirroredStrategy)
+    assert not isinstance(tf.distribute.get_strategy(), tf.distribute.MirroredStrategy)
+    with train.distribution_scope(None):
+        assert not isinstance(tf.distribute.get_strategy(), tf.distribute.MirroredStrategy)
