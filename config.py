@@ -66,6 +66,7 @@ OPTION_RULES = {
     "cache_dir": optional(path),
     "verify_images": boolean,
     "seed": optional(integer()),
+    "shuffle_buffer": integer(1),
     "batch_size": integer(1),
     "lr_base": number(0),
     "lr_decay": number(0),
