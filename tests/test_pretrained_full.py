@@ -1,6 +1,7 @@
 """Full-size pretrained models: an insightface-style r50 ONNX graph (random weights, batch norms calibrated on images,
 exported as torch.onnx.export does) and the same network as an arcface_torch checkpoint, imported at 112x112 and
-checked against onnxruntime and a numpy forward pass. Slow: built once per session (a 166 MB graph)."""
+both checked against onnxruntime (the small networks of test_pretrained.py are also checked against a numpy forward
+pass). Slow: built once per session (a 166 MB graph)."""
 
 import numpy as np
 import onnxruntime
@@ -42,8 +43,6 @@ def test_full_size_r50_onnx_and_checkpoint_match_their_references(r50, tmp_path)
     model = models.load_model(onnx_path)
     assert abs(model.count_params() - 43.6e6) / 43.6e6 < 0.01  # insightface's published r50 size
     assert_same_embeddings(model.predict(ours(images), batch_size=16, verbose=0), reference)
-    pth_path = write_torch_checkpoint(tmp_path / "backbone.pth", sd)
+    pth_path = write_torch_checkpoint(tmp_path / "backbone.pth", sd)  # the same weights as arcface_torch saves them
     checkpoint_model = models.load_model(str(pth_path))
-    assert_same_embeddings(
-        checkpoint_model.predict(ours(images), batch_size=16, verbose=0), iresnet_forward(sd, torch_style(images))
-    )
+    assert_same_embeddings(checkpoint_model.predict(ours(images), batch_size=16, verbose=0), reference)
