@@ -474,6 +474,9 @@ def _read_groups(offsets, spans, block_bytes=BLOCK_BYTES):
         start = stop
 
 
+FLOAT32_EXACT = 2**24  # record labels are float32: every integer below this is exact, not every one above
+
+
 def _labels_from_identity_records(records):
     """``(image positions, classes or None)``: with an insightface header in record 0, the image records and their
     classes from the identity ranges (None when those are missing or inconsistent, or a sample of image headers
@@ -484,8 +487,10 @@ def _labels_from_identity_records(records):
         return everything, None
     header, image = unpack_record(records.payload(zero))
     first, end = (int(header.label[0]), int(header.label[1])) if header.flag >= 2 else (0, 0)
-    if image or not 1 <= first <= end <= len(records.keys):  # an image with two labels, not the header record
+    window = _float32_step(end)
+    if image or not 1 <= first <= end <= len(records.keys) + window:  # an image with two labels, not the header
         return everything, None
+    first, end = _first_identity_record(records, first), min(end, len(records.keys))
     positions = records.positions_of(np.arange(1, first))
     if (positions < 0).any():
         warnings.warn(
@@ -494,28 +499,58 @@ def _labels_from_identity_records(records):
             stacklevel=3,
         )
     positions = positions[positions >= 0]
-    labels = _classes_from_ranges(records, first, end)
-    if labels is not None and not _sample_agrees(records, positions, labels[records.keys[positions]]):
-        labels = None
-    return positions, None if labels is None else labels[records.keys[positions]]
+    by_key = _classes_from_ranges(records, first, end)
+    if by_key is None:
+        return positions, None
+    labels = by_key[records.keys[positions]]
+    inexact = labels < 0  # keys from 2**24 on: their ranges' float32 bounds may be off by a few records
+    if inexact.any():
+        labels[inexact] = _scan_labels(records, positions[inexact], progress=False)
+    return positions, labels if _sample_agrees(records, positions, labels) else None
+
+
+def _float32_step(value):
+    """The distance between neighbouring float32 numbers at ``value``: 1 up to 2**24, 2 up to 2**25, 4 ..."""
+    return max(1, int(np.spacing(np.float32(value))))
+
+
+def _first_identity_record(records, announced):
+    """The key of the first identity record. Record 0 stores it as a float32, exact up to 2**24 only (WebFace42M's
+    42,474,558 reads as 42,474,560), so the records around ``announced`` are looked at: an identity record holds
+    two labels and no image, the records before it are images."""
+    window = _float32_step(announced)
+    if window == 1:
+        return announced
+    for key in range(max(1, announced - window), announced + window + 1):
+        position = records.positions_of(np.array([key]))[0]
+        header, image = unpack_record(records.payload(position)) if position >= 0 else (None, b"")
+        if header is not None and header.flag >= 2 and not image:
+            return key
+    return announced
 
 
 def _classes_from_ranges(records, first, end):
     """Class of every image key ``< first`` from the identity records ``first .. end - 1`` (class ``c`` is record
-    ``first + c``, holding labels ``[start, stop)``), or None when they are missing or do not tile the keys."""
+    ``first + c``, holding labels ``[start, stop)``), or None when they are missing or do not tile the keys. The
+    bounds are float32: keys from ``FLOAT32_EXACT`` on get -1 (their classes are read from their own headers)."""
     identities = records.positions_of(np.arange(first, end))
     if len(identities) == 0 or (identities < 0).any():
         return None
     _, pairs, flags = _header_fields(records, identities)
     starts, stops = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+    exact = min(first, FLOAT32_EXACT)
+    if first > exact:  # the last bound may round past the first identity record
+        stops = np.minimum(stops, first)
     if (flags < 2).any() or (starts < 1).any() or (stops < starts).any() or (stops > first).any():
         return None
     counts = stops - starts
     image_keys = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(starts, counts)
-    if (np.bincount(image_keys, minlength=first)[1:] != 1).any():
+    classes = np.repeat(np.arange(len(starts)), counts)
+    classes, image_keys = classes[image_keys < exact], image_keys[image_keys < exact]
+    if (np.bincount(image_keys, minlength=exact)[1:] != 1).any():
         return None  # overlapping ranges, or images in no range
     by_key = np.full(first, -1, np.int64)
-    by_key[image_keys] = np.repeat(np.arange(len(starts)), counts)
+    by_key[image_keys] = classes
     return by_key
 
 

@@ -109,6 +109,33 @@ def test_identity_ranges_that_disagree_with_the_headers_fall_back_to_the_headers
     assert index.labels.tolist() == expected.tolist()
 
 
+def test_float32_bounds_of_a_huge_set_are_worked_around(tmp_path, monkeypatch):
+    """Record 0 and the identity records hold keys as float32, exact below 2**24 only: WebFace42M's first identity
+    record 42,474,558 reads as 42,474,560, and Glint360K's last ranges are rounded to even keys. Emulated at a small
+    scale (exact below key 9, steps of 2 above, rounded half to even as float32 rounds): the first identity record
+    is found among the records around the announced one, keys below 9 take their classes from the ranges and keys
+    from 9 on from their own headers, which are the only ones read."""
+    monkeypatch.setattr(recordio, "FLOAT32_EXACT", 9)
+    monkeypatch.setattr(recordio, "_float32_step", lambda value: 1 if value < 9 else 2)
+    rounded = lambda key: key if key < 9 else 2 * round(key / 2)  # noqa: E731
+    first, stops = len(LABELS) + 1, np.cumsum(CLASS_SIZES) + 1  # first identity record 17, reading as 16
+    payloads = [image_payload(rounded(first), b"", (rounded(first + len(CLASS_SIZES)),))]
+    payloads += [image_payload(label, tagged_image(tag)) for tag, label in enumerate(LABELS.tolist())]
+    payloads += [image_payload(rounded(stop - size), b"", (rounded(stop),)) for size, stop in zip(CLASS_SIZES, stops)]
+    folder, frames = tmp_path / "huge", [record_frames(payload) for payload in payloads]
+    folder.mkdir()
+    (folder / "train.rec").write_bytes(b"".join(frames))
+    offsets = np.cumsum([0] + [len(frame) for frame in frames[:-1]])
+    (folder / "train.idx").write_text("".join(f"{key}\t{offset}\n" for key, offset in enumerate(offsets)))
+    scanned = []
+    scan = recordio._scan_labels
+    monkeypatch.setattr(recordio, "_scan_labels", lambda records, positions, progress: scanned.extend(
+        records.keys[positions].tolist()) or scan(records, positions, progress))  # fmt: skip
+    index = recordio.load_index(str(folder), cache_dir=str(tmp_path / "cache"), progress=False)
+    assert index.keys.tolist() == list(range(1, 17)) and index.labels.tolist() == LABELS.tolist()
+    assert scanned == list(range(9, 17))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The pipeline.
 # ---------------------------------------------------------------------------------------------------------
