@@ -1,11 +1,13 @@
 """Type and range checks of user options: each rule returns what is wrong with a value (or None), so that a bad
 ``Train`` option or scheduler key is refused before any work, in one line naming the option and the value.
 
-    check_options({"batch_size": integer(1)}, {"batch_size": "8"})  # ValueError: batch_size='8': expected an int ...
+    check_options({"batch_size": integer(1)}, {"batch_size": "8"})  # ValueError: option batch_size='8': expected an int
 """
 
 import numbers
 import os
+
+import numpy as np
 
 
 def _range_error(value, low, high, low_open=False):
@@ -41,7 +43,7 @@ def number(low=None, high=None, low_open=False):
 
 
 def boolean(value):
-    return None if isinstance(value, bool) else f"expected True or False, got {type(value).__name__}"
+    return None if isinstance(value, bool | np.bool_) else f"expected True or False, got {type(value).__name__}"
 
 
 def path(value):

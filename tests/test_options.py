@@ -54,6 +54,7 @@ def test_good_option_values_pass():
     import numpy as np
 
     options = dict(batch_size=np.int64(8), lr_base=1, lr_decay_steps=[10, 20.5], random_crop=[90, 90], seed=None)
+    options.update(resume=np.bool_(False), lr_min=np.float32(0.0))
     assert TrainConfig.from_options(options).batch_size == 8
     assert TrainConfig.from_options({"lr_decay_steps": 24, "gradient_clip_norm": None}).lr_decay_steps == 24
 
