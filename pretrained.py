@@ -17,10 +17,11 @@ import sys
 
 import numpy as np
 
-import models
-import onnx_graph
-from formats import INSIGHTFACE_SCALE, normalize_image
-from utils import atomic_write, run_main
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter (info and warnings) on the console
+import models  # noqa: E402
+import onnx_graph  # noqa: E402
+from formats import INSIGHTFACE_SCALE, normalize_image  # noqa: E402
+from utils import atomic_write, run_main  # noqa: E402
 
 
 def reference_inputs(onnx_path, images):
@@ -49,16 +50,16 @@ def compare_with_onnxruntime(model, onnx_path, images):
 def import_pretrained(source, dest=None, check=0, seed=0):
     """Import ``source`` and save it as ``dest`` (default: ``<source stem>.keras`` next to it), atomically; returns
     ``(dest, check results or None)``."""
-    model = models.import_foreign_model(source)
     dest = dest or os.path.splitext(os.fspath(source))[0] + ".keras"
     if not dest.endswith(".keras"):
         raise ValueError(f"{dest}: the destination must be a .keras file")
+    if check and not os.fspath(source).endswith(".onnx"):
+        raise ValueError("--check compares with onnxruntime: it needs an .onnx source")
+    model = models.import_foreign_model(source)
     with atomic_write(dest) as tmp_path:
         model.save(tmp_path)
     results = None
     if check:
-        if not os.fspath(source).endswith(".onnx"):
-            raise ValueError("--check compares with onnxruntime: it needs an .onnx source")
         height, width = model.input_shape[1:3]
         images = np.random.default_rng(seed).uniform(0, 255, (check, height, width, 3)).astype(np.float32)
         results = compare_with_onnxruntime(model, os.fspath(source), images)

@@ -413,3 +413,9 @@ def test_command_line_converts_and_checks_against_onnxruntime(iresnet_onnx, tmp_
     images = probe_images(SIZE)[:3]
     saved = keras.saving.load_model(dest).predict(ours(images), verbose=0)
     assert_same_embeddings(saved, onnxruntime_embeddings(iresnet_onnx, torch_style(images)))
+    checkpoint_dest = tmp_path / "from_checkpoint.keras"
+    assert (
+        pretrained.run_main(pretrained.main, [iresnet_onnx[:-5] + ".pth", "-o", str(checkpoint_dest), "--check", "3"])
+        == 2
+    )
+    assert "needs an .onnx source" in capsys.readouterr().err and not checkpoint_dest.exists()  # refused before work
