@@ -285,8 +285,8 @@ def _warn_unverified(options, data_path):
 
 def _recordio_source(data_path, options, shard, batch_size):
     """An MXNet RecordIO file, keyed by image position: the same index streams as an image list; the records are
-    read ``READ_BATCH`` at a time by one Python call (one ``pread`` each, which releases the GIL), so the GIL is
-    taken once per batch of records, never per image. No image is written anywhere."""
+    read ``READ_BATCH`` at a time by one Python call from ``tf.data`` (one ``pread`` each, which releases the GIL),
+    not one call per image. No image is written anywhere."""
     import tensorflow as tf
 
     _warn_unverified(options, data_path)
@@ -394,7 +394,7 @@ def _report_gaps(batches, skipped):
 # ---------------------------------------------------------------------------------------------------------
 # The pipeline.
 # ---------------------------------------------------------------------------------------------------------
-def _decode_and_augment(img_shape, options, is_path=True):
+def _decode_and_augment(img_shape, options, is_path):
     """The per-record map: decode (a file path, or the encoded bytes), augment and normalize the image; build the
     targets dict."""
     import tensorflow as tf

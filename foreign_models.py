@@ -120,9 +120,7 @@ def _conv_block_names(torch_prefix, ours_prefix, kind="conv", prelu=True):
 def _dense_from_channels_first(weight, channels):
     """A PyTorch Linear over an NCHW flatten (index c*H*W + h*W + w) as a Keras Dense kernel over our NHWC flatten."""
     outputs, inputs = weight.shape
-    side = math.isqrt(inputs // channels)
-    kernel = weight.reshape(outputs, channels, side, side).transpose(2, 3, 1, 0)
-    return kernel.reshape(inputs, outputs)
+    return weight.reshape(outputs, channels, -1).transpose(2, 1, 0).reshape(inputs, outputs)
 
 
 def _feature_map_side(state_dict, inputs, channels, what):

@@ -26,6 +26,7 @@ from recordio import (  # noqa: F401 (the RecordIO names older scripts import fr
     RecordIOError,
     RecordIOReader,
     frame_record,
+    identity_header_range,
     pack_record,
     read_idx,
     record_class,
@@ -103,10 +104,9 @@ def _existing_outputs(dest_dir):
 def image_keys_from_header(reader):
     """``(image record keys, announced image count)``: ``1 .. label[0] - 1`` and ``label[0] - 1`` when record 0 is
     an insightface header, else every indexed key and ``None``."""
-    if 0 in reader.index:
-        header, image = unpack_record(reader.read(0))
-        if header.flag >= 2 and not image and 1 <= header.label[0] <= header.label[1]:  # not an image with 2 labels
-            return list(range(1, int(header.label[0]))), int(header.label[0]) - 1
+    bounds = identity_header_range(reader.read(0)) if 0 in reader.index else None
+    if bounds:
+        return list(range(1, bounds[0])), bounds[0] - 1
     return sorted(reader.index), None
 
 

@@ -21,7 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no TensorFlow C++ chatter 
 import models  # noqa: E402
 import onnx_graph  # noqa: E402
 from formats import INSIGHTFACE_SCALE, normalize_image  # noqa: E402
-from utils import atomic_write, run_main  # noqa: E402
+from myCallbacks import save_model_atomic  # noqa: E402
+from utils import run_main  # noqa: E402
 
 
 def reference_inputs(onnx_path, images):
@@ -42,7 +43,7 @@ def compare_with_onnxruntime(model, onnx_path, images):
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     name, inputs = session.get_inputs()[0].name, reference_inputs(onnx_path, images)
     reference = np.concatenate([session.run(None, {name: inputs[ii : ii + 1]})[0] for ii in range(len(inputs))])
-    ours = models.load_model(model).predict(normalize_image(images.astype(np.float32)), verbose=0)
+    ours = model.predict(normalize_image(images.astype(np.float32)), verbose=0)
     cosine = np.sum(ours * reference, axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
     return {"min_cosine": float(np.min(cosine)), "max_abs_diff": float(np.max(np.abs(ours - reference)))}
 
@@ -56,8 +57,7 @@ def import_pretrained(source, dest=None, check=0, seed=0):
     if check and not os.fspath(source).endswith(".onnx"):
         raise ValueError("--check compares with onnxruntime: it needs an .onnx source")
     model = models.import_foreign_model(source)
-    with atomic_write(dest) as tmp_path:
-        model.save(tmp_path)
+    save_model_atomic(model, dest)
     results = None
     if check:
         height, width = model.input_shape[1:3]

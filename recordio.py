@@ -71,6 +71,16 @@ def unpack_record(payload):
     return header, body
 
 
+def identity_header_range(payload):
+    """``(first, end)`` of an insightface header record (no image, labels ``[first image-range key, end]``), or None
+    for an image record, including an image with two labels."""
+    header, image = unpack_record(payload)
+    if header.flag < 2 or image:
+        return None
+    first, end = int(header.label[0]), int(header.label[1])
+    return (first, end) if 1 <= first <= end else None
+
+
 def record_class(header):
     """Class id of an image record: the scalar label, or the first label of a multi-label header."""
     return int(header.label if np.ndim(header.label) == 0 else header.label[0])
@@ -485,11 +495,10 @@ def _labels_from_identity_records(records):
     zero = records.positions_of(np.array([0]))[0]
     if zero < 0:
         return everything, None
-    header, image = unpack_record(records.payload(zero))
-    first, end = (int(header.label[0]), int(header.label[1])) if header.flag >= 2 else (0, 0)
-    window = _float32_step(end)
-    if image or not 1 <= first <= end <= len(records.keys) + window:  # an image with two labels, not the header
+    bounds = identity_header_range(records.payload(zero))
+    if bounds is None or bounds[1] > len(records.keys) + _float32_step(bounds[1]):
         return everything, None
+    first, end = bounds
     first, end = _first_identity_record(records, first), min(end, len(records.keys))
     positions = records.positions_of(np.arange(1, first))
     if (positions < 0).any():
@@ -629,7 +638,7 @@ class RecordFile:
         offsets, spans = self.index.offsets[positions], np.minimum(self.index.spans[positions], FAST_READ_LIMIT)
         for row, (offset, span) in enumerate(zip(offsets.tolist(), spans.tolist())):
             buffer = os.pread(self._fd, span, offset)
-            payload = _whole_payload(buffer, 0, len(buffer))
+            payload = _whole_payload(memoryview(buffer), 0, len(buffer))  # sliced without a copy
             images[row] = image_bytes_of(
                 payload if payload is not None else _joined_payload(self.index, positions[row])
             )
@@ -648,7 +657,7 @@ def _joined_payload(index, position):
 
 def iter_images(index, positions=None, block_bytes=BLOCK_BYTES):
     """``(position, image bytes)`` of the images at ``positions`` (default all), in file order, read in sequential
-    blocks of about ``block_bytes``; the way to copy a record file at disk speed."""
+    blocks of about ``block_bytes`` (one read per block, not per record)."""
     positions = np.arange(index.num_images) if positions is None else np.asarray(positions)
     positions = positions[np.argsort(index.offsets[positions], kind="stable")]
     with open(index.rec_path, "rb") as ff:

@@ -127,8 +127,9 @@ class RunFiles:
 
 
 def _history_at(history, epochs, last_logs):
-    """``history`` with ``epochs`` entries: cut, or completed with the checkpoint's ``last_logs`` (the history file
-    is one epoch behind after a kill between the two writes; epochs before that with no record are NaN)."""
+    """``history`` completed up to ``epochs`` entries with the checkpoint's ``last_logs`` (the history file is one
+    epoch behind after a kill between the two writes; epochs before that with no record are NaN); a longer history
+    is returned as it is, for ``MyHistory.replace`` to cut."""
     done = len(history.get("loss", []))
     for _ in range(done, epochs - 1):
         history = myCallbacks.history_with_epoch(history, dict.fromkeys(last_logs, float("nan")))

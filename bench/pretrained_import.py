@@ -22,7 +22,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from pretrained_files import iresnet_state_dict, torch_iresnet_onnx, write_torch_checkpoint  # noqa: E402
 
-BLOCKS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3)}
+from backbones.resnet import IRESNET_DEPTHS, IRESNET_FILTERS  # noqa: E402
+
+BLOCKS = {f"r{depth}": IRESNET_DEPTHS[depth] for depth in (18, 34, 50, 100)}
 TIMED_IMPORT = (
     "import os, sys, time; os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3'); sys.path.insert(0, {root!r}); "
     "import models; start = time.perf_counter(); model = models.import_foreign_model({path!r}, verbose=False); "
@@ -32,7 +34,7 @@ TIMED_IMPORT = (
 
 def write_model(folder, network, file_format):
     """A random-weight ``network`` at 112x112, emb 512, as ``.onnx`` (torch.onnx.export layout) or ``.pth``."""
-    sd = iresnet_state_dict(np.random.default_rng(0), BLOCKS[network], (64, 128, 256, 512), emb=512, side=7)
+    sd = iresnet_state_dict(np.random.default_rng(0), BLOCKS[network], IRESNET_FILTERS, emb=512, side=7)
     path = os.path.join(folder, f"{network}.{file_format}")
     if file_format == "onnx":
         with open(path, "wb") as ff:

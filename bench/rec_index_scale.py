@@ -30,7 +30,6 @@ import data  # noqa: E402
 import recordio  # noqa: E402
 
 SETS = {"ms1mv3": (5_179_510, 93_431), "glint360k": (17_091_657, 360_232), "webface42m": (42_474_557, 2_059_906)}
-MAGIC = 0xCED7230A
 
 
 def _tiny_png():
@@ -48,7 +47,7 @@ def write_rec(folder, num_images, num_classes, identity_header=True, chunk=1 << 
     png = _tiny_png()
     image_words = 2 + (24 + len(png)) // 4
     heads = np.zeros((1 + num_classes, 10), np.uint32)  # header record and identity records: 2 labels each
-    heads[:, 0], heads[:, 1], heads[:, 2] = MAGIC, 32, 2
+    heads[:, 0], heads[:, 1], heads[:, 2] = recordio.RECORDIO_MAGIC, 32, 2
     stops, first = np.cumsum(counts) + 1, num_images + 1
     heads.view(np.float32)[:, 8:] = np.concatenate(
         [[[first, first + num_classes]], np.stack([stops - counts, stops], 1)]
@@ -60,7 +59,7 @@ def write_rec(folder, num_images, num_classes, identity_header=True, chunk=1 << 
             heads[:1].tofile(rec)
         for start in range(0, num_images, chunk):
             images = np.zeros((min(chunk, num_images - start), image_words), np.uint32)
-            images[:, 0], images[:, 1] = MAGIC, 4 * (image_words - 2)
+            images[:, 0], images[:, 1] = recordio.RECORDIO_MAGIC, 4 * (image_words - 2)
             images.view(np.float32)[:, 3] = labels[start : start + len(images)]  # the scalar label
             images[:, 8:] = np.frombuffer(png, np.uint32)
             images.tofile(rec)

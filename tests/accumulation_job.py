@@ -85,8 +85,8 @@ def report(name, got, reference, float32_reference=None):
     result = {
         "name": name,
         "diff": max_difference(weights, ref_weights),
-        "start_diff": max(float(np.abs(aa - bb).max()) for aa, bb in zip(start, ref_start)),
-        "moved": max(float(np.abs(aa - bb).max()) for aa, bb in zip(ref_weights, ref_start)),
+        "start_diff": max_difference(start, ref_start),
+        "moved": max_difference(ref_weights, ref_start),
         "steps": steps,
         "ref_steps": ref_steps,
     }

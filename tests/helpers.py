@@ -173,6 +173,11 @@ def image_payload(label, image, extra_labels=()):
 SPLIT_COMMENT = b"\0\0" + MAGIC_WORD + b"abcd" + MAGIC_WORD
 
 
+def tagged_rec_image(tag):
+    """The image bytes :func:`write_tagged_rec` stores for ``tag``."""
+    return tagged_image(tag, image_format="JPEG", comment=SPLIT_COMMENT) if tag == 1 else tagged_image(tag)
+
+
 def write_tagged_rec(folder, class_sizes, identity_header=True, overrides=None):
     """``folder/train.rec`` + ``train.idx``: image ``tag`` (0, 1, ...) is record ``tag + 1`` (with the identity
     header) or ``tag``, class-major; two images in three (tags 0, 1, 3, 4 ...) have a 2-label header ``[class, 0.5]``
@@ -184,8 +189,8 @@ def write_tagged_rec(folder, class_sizes, identity_header=True, overrides=None):
     overrides = overrides or {}
     payloads = []
     for tag, label in enumerate(labels.tolist()):
-        image = tagged_image(tag, image_format="JPEG", comment=SPLIT_COMMENT) if tag == 1 else tagged_image(tag)
-        payloads.append(image_payload(label, overrides.get(tag, image), (0.5,) if tag % 3 != 2 else ()))
+        image = overrides.get(tag, tagged_rec_image(tag))
+        payloads.append(image_payload(label, image, (0.5,) if tag % 3 != 2 else ()))
     if identity_header:
         first = len(labels) + 1
         stops = np.cumsum(class_sizes) + 1
