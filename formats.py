@@ -186,22 +186,25 @@ def read_image_list(path):
         return {key: content[key] for key in ("image_names", "image_classes", "embeddings") if key in content}
 
 
-def _read_cached_list(cache_file, fingerprint, need_verified):
-    """The cached image list if it belongs to this folder state (and was verified when that is asked for)."""
+def read_npz_cache(cache_file, fingerprint, fields, need_verified=False):
+    """The arrays ``fields`` of ``cache_file`` if it was written for this ``fingerprint`` of its source (and marked
+    verified, when that is asked for), else None."""
     if not os.path.isfile(cache_file):
         return None
     with np.load(cache_file, allow_pickle=False) as content:
         if str(content.get("fingerprint", "")) != fingerprint or bool(content.get("verified", False)) < need_verified:
             return None
-        return {"image_names": content["image_names"], "image_classes": content["image_classes"]}
+        return {field: content[field] for field in fields}
 
 
-def _write_cached_list(cache_file, listing, fingerprint, verified):
+def write_npz_cache(cache_file, arrays, fingerprint, verified=False):
+    """Write ``arrays`` with the ``fingerprint`` of their source, atomically; a cache that cannot be written (a
+    read-only location) is a warning, never a stop."""
     try:
         with atomic_write(cache_file) as tmp_path:
-            np.savez(tmp_path, **listing, fingerprint=fingerprint, verified=verified)
-    except OSError as err:  # a read-only dataset location must not stop training
-        logging.warning("could not write image-list cache %s: %s", cache_file, err)
+            np.savez(tmp_path, **arrays, fingerprint=fingerprint, verified=verified)
+    except OSError as err:
+        logging.warning("could not write the cache %s: %s", cache_file, err)
 
 
 def list_images(data_path, cache_dir=None, verifier=None):
@@ -220,7 +223,7 @@ def list_images(data_path, cache_dir=None, verifier=None):
     fingerprint = folder_fingerprint(data_path)
     cache_file = os.path.join(cache_dir or DEFAULT_CACHE_DIR, os.path.basename(os.path.normpath(data_path)))
     cache_file += "_shuffle.npz"
-    cached = _read_cached_list(cache_file, fingerprint, need_verified=verifier is not None)
+    cached = read_npz_cache(cache_file, fingerprint, ("image_names", "image_classes"), verifier is not None)
     if cached is not None:
         return cached
     image_names, image_classes, _ = scan_class_folder(data_path)
@@ -231,7 +234,7 @@ def list_images(data_path, cache_dir=None, verifier=None):
             keep = np.array([name not in unreadable for name in image_names])
             image_names, image_classes = image_names[keep], image_classes[keep]
     listing = {"image_names": image_names, "image_classes": image_classes}
-    _write_cached_list(cache_file, listing, fingerprint, verified=verifier is not None)
+    write_npz_cache(cache_file, listing, fingerprint, verified=verifier is not None)
     return listing
 
 

@@ -15,7 +15,6 @@ without reading the images.
 
 import dataclasses
 import functools
-import logging
 import os
 import struct
 import warnings
@@ -24,7 +23,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from formats import DEFAULT_CACHE_DIR
+from formats import DEFAULT_CACHE_DIR, read_npz_cache, write_npz_cache
 from utils import atomic_write
 
 RECORDIO_MAGIC = 0xCED7230A
@@ -335,19 +334,13 @@ def load_index(data_path, cache_dir=None, progress=True):
     fingerprint = file_fingerprint(rec_path, idx_path)
     stem = os.path.basename(os.path.dirname(os.path.abspath(rec_path))) + "_" + os.path.basename(rec_path)
     cache_file = os.path.join(cache_dir or DEFAULT_CACHE_DIR, stem.replace(".", "_") + "_index.npz")
-    if os.path.isfile(cache_file):
-        with np.load(cache_file, allow_pickle=False) as content:
-            if str(content["fingerprint"]) == fingerprint:
-                fields = ("keys", "offsets", "spans", "labels")
-                return RecordIndex(rec_path, *(content[field] for field in fields))
+    fields = ("keys", "offsets", "spans", "labels")
+    cached = read_npz_cache(cache_file, fingerprint, fields)
+    if cached is not None:
+        return RecordIndex(rec_path, **cached)
     index = build_index(rec_path, idx_path, progress)
     _check_labels(index)
-    try:
-        with atomic_write(cache_file) as tmp_path:
-            arrays = {field: getattr(index, field) for field in ("keys", "offsets", "spans", "labels")}
-            np.savez(tmp_path, fingerprint=fingerprint, **arrays)
-    except OSError as err:  # a read-only cache location must not stop training
-        logging.warning("could not write the record index cache %s: %s", cache_file, err)
+    write_npz_cache(cache_file, {field: getattr(index, field) for field in fields}, fingerprint)
     return index
 
 
@@ -358,9 +351,8 @@ def build_index(rec_path, idx_path, progress=True):
     if len(keys) == 0:
         raise RecordIOError(f"{idx_path}: the index lists no records")
     file_size = os.path.getsize(rec_path)
-    _check_extent(rec_path, idx_path, keys, offsets, file_size)
-    spans = _spans(offsets, file_size)
-    records = _Records(rec_path, keys, offsets, spans, file_size)
+    records = _Records(rec_path, keys, offsets, _spans(offsets, file_size), file_size)
+    _check_extent(records, idx_path)
     positions, labels = _labels_from_identity_records(records)
     if len(positions) == 0:
         raise RecordIOError(f"{rec_path}: no image records (the index lists {len(keys)} records)")
@@ -368,23 +360,22 @@ def build_index(rec_path, idx_path, progress=True):
         labels = _scan_labels(records, positions, progress)
     order = np.argsort(keys[positions], kind="stable")
     positions, labels = positions[order], labels[order]
-    return RecordIndex(rec_path, keys[positions], offsets[positions], spans[positions], labels)
+    return RecordIndex(rec_path, keys[positions], offsets[positions], records.spans[positions], labels)
 
 
-def _check_extent(rec_path, idx_path, keys, offsets, file_size):
+def _check_extent(records, idx_path):
     """Every offset lies in the file and the last record is complete: a truncated ``.rec`` or an ``.idx`` of
     another file is an error naming the first record concerned."""
+    offsets, file_size = records.offsets, records.file_size
     outside = np.flatnonzero((offsets < 0) | (offsets + 8 > file_size))
     if len(outside):
         first = outside[np.argmin(offsets[outside])]
         raise RecordIOError(
-            f"{idx_path}: record {keys[first]} at offset {offsets[first]} points past the end of {rec_path} "
-            f"({file_size} bytes; {len(outside)} records outside it): the .rec is truncated or the .idx belongs "
-            "to another file"
+            f"{idx_path}: record {records.keys[first]} at offset {offsets[first]} points past the end of "
+            f"{records.rec_path} ({file_size} bytes; {len(outside)} records outside it): the .rec is truncated or "
+            "the .idx belongs to another file"
         )
-    last = int(np.argmax(offsets))
-    with open(rec_path, "rb") as ff:
-        _read_frames(ff, int(offsets[last]), f"{rec_path}: record {keys[last]} at offset {offsets[last]}", file_size)
+    records.payload(int(np.argmax(offsets)))
 
 
 def _spans(offsets, file_size):
