@@ -72,10 +72,7 @@ class _StateDict:
 
     def count(self, prefix, suffix):
         """How many ``prefix{k}suffix`` keys exist for k = 0, 1, ..."""
-        count = 0
-        while f"{prefix}{count}{suffix}" in self.values:
-            count += 1
-        return count
+        return _count(self.values, prefix + "{}" + suffix, first=0)
 
     def check_all_taken(self):
         left = sorted(set(self.values) - self.taken)
@@ -155,13 +152,20 @@ def _iresnet_from_state_dict(state_dict, batch_norms):
     filters = tuple(state_dict.shape(f"layer{stage}.0.conv2.weight")[0] for stage in range(1, STRIDED_STAGES + 1))
     emb_shape, inputs = state_dict.shape("fc.weight")
     side = _feature_map_side(state_dict, inputs, filters[-1], "fc") << STRIDED_STAGES
-    depth = next((depth for depth, known in resnet.IRESNET_DEPTHS.items() if known == blocks), None)
-    name = f"r{depth}" if depth else "iresnet"
-    backbone = resnet.iresnet(depth, (side, side, 3), False, name, blocks, filters, symmetric_padding=True)
+    backbone, summary = _iresnet_backbone(blocks, filters, (side, side, 3), symmetric_padding=True)
     weights, ours_batch_norms = _convert(state_dict, _iresnet_names(blocks), batch_norms)
     weights["head_dense"] = [_dense_from_channels_first(state_dict["fc.weight"], filters[-1]), state_dict["fc.bias"]]
     head = dict(output_layer="E", emb_shape=int(emb_shape), use_bias=True)
-    return backbone, head, weights, ours_batch_norms, f"IResNet {name} (blocks {list(blocks)}, widths {list(filters)})"
+    return backbone, head, weights, ours_batch_norms, summary
+
+
+def _iresnet_backbone(blocks, filters, input_shape, symmetric_padding):
+    """``(backbone, summary)``: our IResNet of these blocks per stage and widths, named ``r<depth>`` when the blocks
+    are those of a known depth."""
+    depth = next((depth for depth, known in resnet.IRESNET_DEPTHS.items() if known == blocks), None)
+    name = f"r{depth}" if depth else "iresnet"
+    backbone = resnet.iresnet(depth, input_shape, False, name, blocks, filters, symmetric_padding)
+    return backbone, f"IResNet {name} (blocks {list(blocks)}, widths {list(filters)})"
 
 
 def _depthwise_block_names(torch_prefix, ours_prefix):
@@ -346,6 +350,10 @@ def _keras2_family(path):
             layers = _keras2_config_layers(h5_file)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return _keras2_family_of(layers)
+
+
+def _keras2_family_of(layers):
     if not layers or "embedding" not in layers:
         return None
     return next((family for stem, family in KERAS2_STEMS.items() if stem in layers), None)
@@ -364,10 +372,10 @@ def _read_keras2_file(path):
     return layers, {name: values for name, values in weights.items() if values}
 
 
-def _count(names, template):
-    """How many of ``template.format(1), template.format(2) ...`` are in ``names``."""
+def _count(names, template, first=1):
+    """How many of ``template.format(first), template.format(first + 1) ...`` are in ``names``."""
     count = 0
-    while template.format(count + 1) in names:
+    while template.format(first + count) in names:
         count += 1
     return count
 
@@ -384,10 +392,8 @@ def _keras2_iresnet(layers, weights):
     blocks = tuple(_count(layers, f"stack{stage}_block{{}}_1_conv") for stage in range(1, stages + 1))
     filters = tuple(weights[f"stack{stage}_block1_1_conv"][0].shape[-1] for stage in range(1, stages + 1))
     symmetric = layers["stack1_block1_2_conv"]["config"]["padding"] == "valid"  # after a ZeroPadding2D
-    depth = next((depth for depth, known in resnet.IRESNET_DEPTHS.items() if known == blocks), None)
-    name = f"r{depth}" if depth else "iresnet"
-    backbone = resnet.iresnet(depth, _keras2_input_shape(layers), False, name, blocks, filters, symmetric)
-    return backbone, KERAS2_IRESNET_NAMES, f"IResNet {name} (blocks {list(blocks)}, widths {list(filters)})"
+    backbone, summary = _iresnet_backbone(blocks, filters, _keras2_input_shape(layers), symmetric)
+    return backbone, KERAS2_IRESNET_NAMES, summary
 
 
 def _keras2_mobile_facenet(layers, weights):
@@ -410,7 +416,7 @@ def _keras2_mobile_facenet(layers, weights):
         output_width=None,
         symmetric_padding=layers["stem_1_conv"]["config"]["padding"] == "valid",
     )
-    stem_prefix = {"separable": "stem_sep_", "depthwise": "stem_dw_"}.get(stem_conv, "stem_2_")
+    stem_prefix = mobile_facenet.STEM_PREFIXES.get(stem_conv, "stem_2_")
     names = tuple((pattern, ours.replace("stem_2_", stem_prefix)) for pattern, ours in KERAS2_MOBILE_FACENET_NAMES)
     return backbone, names, f"MobileFaceNet (stacks of {[stage[2] for stage in stages]} blocks)"
 
@@ -461,7 +467,7 @@ def _keras2_weights(layers, weights, names, path):
 
 def _read_keras2(path):
     layers, weights = _read_keras2_file(path)
-    family = _keras2_family(path)
+    family = _keras2_family_of(layers)
     backbone, names, summary = (_keras2_iresnet if family == "iresnet" else _keras2_mobile_facenet)(layers, weights)
     try:
         head = _keras2_head(layers, weights)

@@ -31,10 +31,9 @@ class ConvUnit:
     """A convolution with the batch norm after it (folded or not) and an optional PReLU, in PyTorch layouts."""
 
     node: str
-    kernel: np.ndarray  # (out, in / group, kh, kw)
+    kernel: np.ndarray  # (out, in / group, kh, kw): its shape tells a depthwise conv
     strides: tuple
     pads: tuple
-    group: int
     batch_norm: dict  # weight, bias, running_mean, running_var, eps
     prelu: np.ndarray | None = None
 
@@ -208,7 +207,6 @@ def _read_conv(graph, node):
         kernel,
         tuple(attributes.get("strides", (1, 1))),
         tuple(attributes.get("pads", (0, 0, 0, 0))),
-        int(attributes.get("group", 1)),
         batch_norm,
     )
     prelu_node = graph.single_user(tensor, "PRelu")
@@ -357,12 +355,12 @@ class _Namer:
         return unit
 
     def conv(self, expected, names, strides=1, padding="same"):
-        """Take a ConvUnit and record it as ``names`` = (conv, batch norm[, PReLU]); checks its strides (None: any),
+        """Take a ConvUnit and record it as ``names`` = (conv, batch norm[, PReLU]); checks its strides,
         its padding (symmetric ``kernel // 2``, or none for ``"valid"``) and that it has a PReLU exactly when named
         one."""
         unit = self.take(ConvUnit, expected)
         pad = unit.kernel.shape[-1] // 2 if padding == "same" else 0
-        if (strides and unit.strides != (strides, strides)) or set(unit.pads) != {pad}:
+        if unit.strides != (strides, strides) or set(unit.pads) != {pad}:
             raise UnsupportedGraphError(
                 f"{self.path}: node '{unit.node}': strides {unit.strides}, pads {unit.pads} where an"
                 f" {self.architecture} has strides {strides} and padding {pad} on every side"
@@ -375,7 +373,6 @@ class _Namer:
         self.batch_norm(unit.batch_norm, names[1])
         if len(names) == 3:
             self.state_dict[names[2] + ".weight"] = unit.prelu
-        return unit
 
     def batch_norm(self, values, name):
         for key in ("weight", "bias", "running_mean", "running_var"):

@@ -11,7 +11,8 @@ from backbones import blocks
 
 # (hidden channels of each block, output channels, blocks, stride of the first block) of the inverted-residual stacks.
 MOBILE_FACENET_STAGES = ((128, 64, 5, 2), (256, 128, 1, 2), (256, 128, 6, 1), (512, 128, 1, 2), (256, 128, 2, 1))
-STEM_CONVS = ("depthwise", "separable")  # or an int: a grouped 3x3 conv of that many groups; or None: no second conv
+STEM_PREFIXES = {"depthwise": "stem_dw_", "separable": "stem_sep_"}  # the second stem conv's kinds, their layer names
+STEM_CONVS = tuple(STEM_PREFIXES)  # or an int: a grouped 3x3 conv of that many groups; or None: no second conv
 
 
 def bottleneck(inputs, filters, hidden, strides, use_se, residual, name, symmetric_padding=False):
@@ -38,14 +39,13 @@ def _stem(inputs, width, stem_conv, symmetric_padding):
         return nn
     if isinstance(stem_conv, int) and not isinstance(stem_conv, bool):
         return blocks.conv_bn_prelu(nn, width, 3, groups=stem_conv, name="stem_group_")
-    if stem_conv == "separable":
-        prefix = "stem_sep_"
-        nn = keras.layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name=prefix + "conv")(nn)
-    elif stem_conv == "depthwise":
-        prefix = "stem_dw_"
-        nn = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=prefix + "conv")(nn)
-    else:
+    if stem_conv not in STEM_CONVS:
         raise ValueError(f"stem_conv must be one of {STEM_CONVS}, a number of groups or None, got {stem_conv!r}")
+    prefix = STEM_PREFIXES[stem_conv]
+    if stem_conv == "separable":
+        nn = keras.layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name=prefix + "conv")(nn)
+    else:
+        nn = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=prefix + "conv")(nn)
     nn = keras.layers.BatchNormalization(name=prefix + "bn")(nn)
     return keras.layers.PReLU(shared_axes=[1, 2], name=prefix + "prelu")(nn)
 
