@@ -538,9 +538,7 @@ def main(argv=None):
     if args.rebuild_idx:
         import recordio
 
-        rec_path = args.rebuild_idx
-        rec_path = os.path.join(rec_path, "train.rec") if os.path.isdir(rec_path) else rec_path
-        print(">>>> Index:", recordio.rebuild_idx(rec_path, args.output))
+        print(">>>> Index:", recordio.rebuild_idx(args.rebuild_idx, args.output))
     if args.to_shards:
         import shards
 

@@ -226,12 +226,13 @@ class RecordIOReader:
 
 
 def rebuild_idx(rec_path, idx_path=None, progress=True):
-    """Write the ``.idx`` of ``rec_path`` (default: next to it) from one sequential pass over the records: keys are
+    """Write the ``.idx`` of ``rec_path`` (a ``.rec`` or a folder with ``train.rec``; default: next to it) from one sequential pass over the records: keys are
     0, 1, 2 ... in file order, as MXNet and insightface number them. A record cut short by the end of the file is an
     error (nothing is written). Returns the index path."""
     from tqdm import tqdm
 
-    idx_path = idx_path or os.path.splitext(rec_path)[0] + ".idx"
+    rec_path = rec_path_of(rec_path)
+    idx_path = idx_path or idx_path_of(rec_path)
     file_size = os.path.getsize(rec_path)
     starts, position, carry = [], 0, b""
     with open(rec_path, "rb") as ff, tqdm(total=file_size, unit="B", unit_scale=True, disable=not progress) as bar:
@@ -298,14 +299,24 @@ class RecordIndex:
         return f"{self.rec_path} record {int(self.keys[position])}"
 
 
+def rec_path_of(data_path):
+    """The record file of ``data_path``: ``train.rec`` in a folder, else the path itself."""
+    data_path = os.fspath(data_path)
+    return os.path.join(data_path, "train.rec") if os.path.isdir(data_path) else data_path
+
+
+def idx_path_of(rec_path):
+    """Where the index of a record file lives: next to it, with the ``.idx`` extension."""
+    return os.path.splitext(rec_path)[0] + ".idx"
+
+
 def find_recordio(data_path):
     """``(rec_path, idx_path)`` of a folder holding ``train.rec`` or of a ``.rec`` path. A missing ``.idx`` is an
     error that says how to rebuild it."""
-    data_path = os.fspath(data_path)
-    rec_path = os.path.join(data_path, "train.rec") if os.path.isdir(data_path) else data_path
+    rec_path = rec_path_of(data_path)
     if not os.path.isfile(rec_path):
         raise FileNotFoundError(f"RecordIO file not found: {rec_path}")
-    idx_path = os.path.splitext(rec_path)[0] + ".idx"
+    idx_path = idx_path_of(rec_path)
     if not os.path.isfile(idx_path):
         raise FileNotFoundError(
             f"{idx_path} not found: the index of {rec_path} is missing; rebuild it with one sequential pass: "

@@ -149,6 +149,21 @@ def tags_of(images, scale=0.0078125):
     return (red + 25 * green).tolist()
 
 
+def epoch_tags(tt, local_images, epochs=2):
+    """Tags of the images this process receives in each of ``epochs`` epochs of ``tt``'s training data, through its
+    runner's distributed input; ``local_images(batch)`` gives the numpy arrays of a batch held here."""
+    make_worker_dataset = lambda batch_size, shard: tt._dataset(0, batch_size, shard).dataset  # noqa: E731
+    iterator = iter(tt.runner.distribute(tt.train_ds.dataset, tt.global_batch_size, make_worker_dataset))
+    seen = []
+    for _ in range(epochs):
+        seen.append([])
+        for _ in range(tt.steps_per_epoch):
+            images, _ = next(iterator)
+            for local in local_images(images):
+                seen[-1] += tags_of(local)
+    return seen
+
+
 def record_frames(payload):
     """The framed bytes of one record payload (split at 4-aligned magic words, cflag 1/2/3)."""
     cuts = [pos for pos in range(0, len(payload) - 3, 4) if payload[pos : pos + 4] == MAGIC_WORD]

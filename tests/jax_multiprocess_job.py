@@ -18,7 +18,7 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import tags_of, tiny_basic_model  # noqa: E402
+from helpers import epoch_tags, tiny_basic_model  # noqa: E402
 
 import losses  # noqa: E402
 import train  # noqa: E402
@@ -26,18 +26,10 @@ import train  # noqa: E402
 GLOBAL_BATCH = 8
 
 
-def epoch_tags(tt, epochs=2):
-    """Tags of the rows of the global batches that this process read, in each of ``epochs`` epochs."""
-    make_worker_dataset = lambda batch_size, shard: tt._dataset(0, batch_size, shard).dataset  # noqa: E731
-    iterator = tt.runner.distribute(tt.train_ds.dataset, tt.global_batch_size, make_worker_dataset)
-    seen = []
-    for _ in range(epochs):
-        seen.append([])
-        for _ in range(tt.steps_per_epoch):
-            images, _ = next(iterator)
-            assert images.shape[0] == GLOBAL_BATCH  # one global array over both processes
-            seen[-1] += tags_of(np.concatenate([np.asarray(shard.data) for shard in images.addressable_shards]))
-    return seen
+def rows_read_here(images):
+    """The rows of a global batch that this process holds."""
+    assert images.shape[0] == GLOBAL_BATCH  # one global array over both processes
+    return [np.asarray(shard.data) for shard in images.addressable_shards]
 
 
 def main():
@@ -49,7 +41,7 @@ def main():
         rec_dir, os.path.join(save_dir, "mp.keras"), basic_model=model, batch_size=GLOBAL_BATCH, lr_base=0.01,
         verbose=0, seed=0, plot_history=False, cache_dir=os.path.join(save_dir, f"cache_{index}"),
     )  # fmt: skip
-    tags = epoch_tags(tt)
+    tags = epoch_tags(tt, rows_read_here)
     history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": "sgd", "epoch": 1}], 0)
     checksum = float(sum(np.abs(np.asarray(weight)).sum() for weight in tt.model.trainable_weights))
     result = {"index": int(index), "processes": jax.process_count(), "devices": jax.device_count()}

@@ -22,26 +22,17 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import tags_of, tiny_basic_model  # noqa: E402
+from helpers import epoch_tags, tiny_basic_model  # noqa: E402
 
 import losses  # noqa: E402
 import runner  # noqa: E402
 import train  # noqa: E402
 
 
-def epoch_tags(tt, path, epochs=2):
-    """Tags of the images this worker's replica receives in each of ``epochs`` epochs of ``path``."""
+def worker_epoch_tags(tt, path):
+    """Tags of the images this worker's replica receives in each of two epochs of ``path``."""
     tt.reset_dataset(path)
-    make_worker_dataset = lambda batch_size, shard: tt._dataset(0, batch_size, shard).dataset  # noqa: E731
-    iterator = iter(tt.runner.distribute(tt.train_ds.dataset, tt.global_batch_size, make_worker_dataset))
-    seen = []
-    for _ in range(epochs):
-        seen.append([])
-        for _ in range(tt.steps_per_epoch):
-            images, _ = next(iterator)
-            for local in strategy.experimental_local_results(images):
-                seen[-1] += tags_of(local.numpy())
-    return seen
+    return epoch_tags(tt, lambda images: [local.numpy() for local in strategy.experimental_local_results(images)])
 
 
 keras.utils.set_random_seed(0)
@@ -56,7 +47,7 @@ with strategy.scope():
         seed=0,
     )
     history = tt.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": "sgd", "epoch": 1}], 0)
-tags = {path: epoch_tags(tt, path) for path in sys.argv[6:]}
+tags = {path: worker_epoch_tags(tt, path) for path in sys.argv[6:]}
 trainable = float(sum(np.abs(ww.numpy()).sum() for ww in tt.model.trainable_weights))
 moving = float(sum(np.abs(ww.numpy()).sum() for ww in tt.model.non_trainable_weights))
 print(
