@@ -657,19 +657,59 @@ def _joined_payload(index, position):
         return b""
 
 
-def iter_images(index, positions=None, block_bytes=BLOCK_BYTES):
-    """``(position, image bytes)`` of the images at ``positions`` (default all), in file order, read in sequential
-    blocks of about ``block_bytes`` (one read per block, not per record)."""
-    positions = np.arange(index.num_images) if positions is None else np.asarray(positions)
+def iter_image_blocks(index, positions, block_bytes=BLOCK_BYTES):
+    """The images at ``positions`` (in file order), a block at a time: ``(positions, buffer, starts, ends)`` where
+    image ``i`` of the block is ``buffer[starts[i]:ends[i]]``. One read per block of about ``block_bytes``, made
+    by a thread while the previous block is used, into one of two buffers that the blocks take turns in (a block is
+    valid until the next one is asked for). The record headers are decoded with numpy. A record split into parts is
+    read on its own and appended to the buffer; a broken one gives an empty image, which the decoder reports."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    positions = np.asarray(positions)
     positions = positions[np.argsort(index.offsets[positions], kind="stable")]
-    with open(index.rec_path, "rb") as ff:
-        for start, stop in _read_groups(index.offsets[positions], index.spans[positions], block_bytes):
+    groups = list(_read_groups(index.offsets[positions], index.spans[positions], block_bytes))
+    buffers = [bytearray(), bytearray()]
+
+    def read(number):
+        start, stop = groups[number]
+        first, last = int(index.offsets[positions[start]]), positions[stop - 1]
+        size = int(index.offsets[last] + index.spans[last]) - first
+        if len(buffers[number % 2]) < size:
+            buffers[number % 2] = bytearray(size)
+        block = memoryview(buffers[number % 2])[:size]
+        return first, block[: os.preadv(ff.fileno(), [block], first)]
+
+    with open(index.rec_path, "rb") as ff, ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(read, 0) if groups else None
+        for number, (start, stop) in enumerate(groups):
+            first, block = pending.result()
+            if number + 1 < len(groups):
+                pending = reader.submit(read, number + 1)
             chosen = positions[start:stop]
-            first = int(index.offsets[chosen[0]])
-            ff.seek(first)
-            block = memoryview(ff.read(int(index.offsets[chosen[-1]] + index.spans[chosen[-1]]) - first))
-            for position, offset, span in zip(
-                chosen.tolist(), index.offsets[chosen].tolist(), index.spans[chosen].tolist()
-            ):
-                payload = _whole_payload(block, offset - first, offset - first + span)
-                yield position, image_bytes_of(payload if payload is not None else _joined_payload(index, position))
+            yield (chosen, *_with_parted_records(index, chosen, block, index.offsets[chosen] - first))
+
+
+def _with_parted_records(index, chosen, block, offsets):
+    """``(buffer, starts, ends)`` of the images of records ``chosen`` at ``offsets`` in ``block``; the images of
+    records split into parts (read on their own) are appended."""
+    starts, ends = _image_ranges(block, offsets, index.spans[chosen])
+    parted = np.flatnonzero(starts < 0)
+    if not len(parted):
+        return block, starts, ends
+    extras = [image_bytes_of(_joined_payload(index, position)) for position in chosen[parted].tolist()]
+    lengths = [len(image) for image in extras]
+    ends[parted] = len(block) + np.cumsum(lengths)
+    starts[parted] = ends[parted] - lengths
+    return b"".join([block, *extras]), starts, ends
+
+
+def _image_ranges(block, offsets, spans):
+    """``(starts, ends)`` of the image in each record framed whole at ``block[offsets[i]:offsets[i] + spans[i]]``;
+    -1 for records that are not (split into parts, or not a record there). A payload too short to hold its
+    header and labels has an empty image."""
+    heads = np.frombuffer(block, np.uint8)[np.minimum(offsets[:, None] + np.arange(12), len(block) - 1)]
+    magic, lrec, flags = heads.view("<u4").astype(np.int64).T
+    ends = offsets + 8 + (lrec & LENGTH_MASK)
+    whole = (magic == RECORDIO_MAGIC) & (lrec >> 29 == 0) & (ends <= np.minimum(offsets + spans, len(block)))
+    starts = np.minimum(offsets + 8 + IR_SIZE + 4 * flags, ends)
+    return np.where(whole, starts, -1), np.where(whole, ends, -1)

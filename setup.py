@@ -26,6 +26,7 @@ setup(
         "matplotlib",
         "mtcnn>=1.0",  # face detector; its weights ship inside the wheel
         "tensorboard",  # keras.callbacks.TensorBoard needs it
+        "google-crc32c",  # the checksums of TFRecord shards, in C
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime", "jax[cpu]"],

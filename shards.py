@@ -11,7 +11,6 @@ conversion resumes with the next unfinished group and a folder with an index is 
 """
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -19,6 +18,7 @@ import time
 import numpy as np
 
 import recordio
+import tfrecord
 from formats import folder_fingerprint, list_images
 
 SHARD_INDEX = "shards.json"
@@ -31,60 +31,6 @@ PLAN_FILE = ".shards_plan.json"  # what an unfinished conversion is writing: a r
 
 def shard_name(shard, num_shards):
     return f"train-{shard:05d}-of-{num_shards:05d}.tfrecord"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The record format: a tf.train.Example serialized here, one copy of the image (protobuf wire format).
-# ---------------------------------------------------------------------------------------------------------
-_ONE_BYTE = tuple(bytes((value,)) for value in range(0x80))
-
-
-def _varint(value):
-    """Protobuf base-128 varint of a non-negative int."""
-    if value < 0x80:
-        return _ONE_BYTE[value]
-    if value < 0x4000:
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(payload):
-    """A length-delimited protobuf field number 1 (``0x0a``) holding ``payload``."""
-    return b"\x0a" + _varint(len(payload)) + payload
-
-
-def _entry(name, feature):
-    """One ``Features.feature`` map entry: key (field 1) and the ``Feature`` value (field 2)."""
-    return _field(_field(name) + b"\x12" + _varint(len(feature)) + feature)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _label_entry(label):
-    int64_list = _field(_varint(label))  # Int64List: packed values (field 1)
-    return _entry(b"label", b"\x1a" + _varint(len(int64_list)) + int64_list)  # Feature: int64_list (field 3)
-
-
-def encode_example(image, label, key):
-    """The serialized ``tf.train.Example`` of one image: ``image`` bytes, ``label`` int64 (>= 0), ``key`` bytes.
-    Equivalent to building it with ``tf.train.Example``, several times faster: the image is copied once."""
-    tail = _label_entry(label) + _entry(b"key", _field(_field(key)))  # Feature: bytes_list (field 1) of the key
-    size_varint = _varint(len(image))
-    bytes_list = 1 + len(size_varint) + len(image)  # BytesList: value (field 1) = image
-    bytes_list_varint = _varint(bytes_list)
-    feature = 1 + len(bytes_list_varint) + bytes_list  # Feature: bytes_list (field 1)
-    feature_varint = _varint(feature)
-    entry = 8 + len(feature_varint) + feature  # map entry: key "image" (field 1, 7 bytes), value (field 2)
-    entry_varint = _varint(entry)
-    features = 1 + len(entry_varint) + entry + len(tail)  # Features: the image entry, then label and key
-    return b"".join(
-        (b"\x0a", _varint(features), b"\x0a", entry_varint, b"\x0a\x05image\x12", feature_varint, b"\x0a")
-        + (bytes_list_varint, b"\x0a", size_varint, image, tail)
-    )
 
 
 def feature_spec():
@@ -162,8 +108,9 @@ def _write_text(path, text):
 # ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Items:
-    """A source to copy: ``labels`` in reading order, ``read(start, stop)`` yields ``(key, image bytes)`` of that
-    stretch, ``nbytes`` is about the size of all images."""
+    """A source to copy: ``labels`` in reading order; ``read(start, stop)`` yields that stretch a block at a time as
+    ``(buffer, starts, ends, keys)``: image ``i`` is ``buffer[starts[i]:ends[i]]``, ``keys`` a numpy bytes array;
+    ``nbytes`` is about the size of all images."""
 
     folder: str
     fingerprint: str
@@ -175,11 +122,11 @@ class _Items:
 def _recordio_items(source, cache_dir):
     index = recordio.load_index(source, cache_dir)
     order = np.argsort(index.offsets, kind="stable")  # file order: one sequential pass
-    prefix = os.path.basename(index.rec_path) + " record "
+    prefix = os.path.basename(index.rec_path).encode() + b" record "
 
     def read(start, stop):
-        for position, image in recordio.iter_images(index, order[start:stop]):
-            yield prefix + str(index.keys[position]), image
+        for positions, buffer, starts, ends in recordio.iter_image_blocks(index, order[start:stop]):
+            yield buffer, starts, ends, np.char.add(prefix, index.keys[positions].astype(np.bytes_))
 
     fingerprint = recordio.file_fingerprint(*recordio.find_recordio(source))
     folder = os.path.dirname(os.path.abspath(index.rec_path))
@@ -191,23 +138,28 @@ def _read_file(path):
         return ff.read()
 
 
-def _folder_items(source, cache_dir, workers=8):
+def _folder_items(source, cache_dir, workers=8, chunk=2048):
     from concurrent.futures import ThreadPoolExecutor
 
     listing = list_images(source, cache_dir)  # cached: worker processes do not scan the folder again
     names, labels = listing["image_names"], listing["image_classes"]
     sample = names[:: max(1, len(names) // 1000)]
     nbytes = int(np.mean([os.path.getsize(name) for name in sample]) * len(names))
+    keys = np.char.encode(np.array([os.path.relpath(name, source) for name in names]), "utf-8", "surrogateescape")
 
-    def read(start, stop, chunk=256):
+    def read(start, stop):
         with ThreadPoolExecutor(workers) as pool:  # reads the next chunk of files while this one is written
             pending = pool.map(_read_file, names[start : min(start + chunk, stop)])
             for first in range(start, stop, chunk):
                 contents = list(pending)
-                following = names[first + chunk : min(first + 2 * chunk, stop)]
-                pending = pool.map(_read_file, following)
-                for name, content in zip(names[first : first + chunk], contents):
-                    yield os.path.relpath(name, source), content
+                pending = pool.map(_read_file, names[first + chunk : min(first + 2 * chunk, stop)])
+                ends = np.cumsum([len(content) for content in contents])
+                yield (
+                    b"".join(contents),
+                    ends - [len(content) for content in contents],
+                    ends,
+                    keys[first : first + chunk],
+                )
 
     return _Items(os.path.abspath(source), folder_fingerprint(source), labels, nbytes, read)
 
@@ -349,28 +301,100 @@ class _Progress:
 
 def _write_group(items, job, progress):
     """Write the missing shards of one group from its source stretch: each to ``<path>.partial``, renamed to its
-    final name once closed; ``progress.add`` counts the images read and written and the bytes as it goes."""
-    import tensorflow as tf
+    final name once closed; ``progress.add`` counts the images read and written and the bytes as it goes. A thread
+    writes each block's records while the next block is framed."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    writers = {shard: tf.io.TFRecordWriter(path + ".partial") for shard, path in job.targets.items()}
-    shard_of, labels = job.shards.tolist(), items.labels[job.start : job.stop].tolist()
-    pending = [0, 0, 0]  # images read, images written, bytes written: since the last report
+    targets = np.array(sorted(job.targets))
+    outputs = [_open_output(job.targets[shard] + ".partial") for shard in targets.tolist()]
+    done, framer, written = 0, tfrecord.ExampleFramer(), None
     try:
-        for offset, (key, image) in enumerate(items.read(job.start, job.stop)):
-            writer = writers.get(shard_of[offset])
-            if writer is not None:
-                writer.write(encode_example(image, labels[offset], key.encode("utf-8", "surrogateescape")))
-                pending[1], pending[2] = pending[1] + 1, pending[2] + len(image)
-            pending[0] += 1
-            if pending[0] == 1024:
-                progress.add(*pending)
-                pending = [0, 0, 0]
+        with ThreadPoolExecutor(1) as writer:
+            for block in items.read(job.start, job.stop):
+                stretch = slice(done, done + len(block[1]))
+                labels = items.labels[job.start :][stretch]
+                framed, firsts, stops, count, nbytes = _frame_block(framer, block, job.shards[stretch], labels, targets)
+                if written is not None:
+                    written.result()  # the framer's other buffer is free again
+                written = writer.submit(_write_shares, outputs, framed, firsts, stops)
+                progress.add(stretch.stop - stretch.start, count, nbytes)
+                done = stretch.stop
+            if written is not None:
+                written.result()
     finally:
-        for writer in writers.values():
-            writer.close()
+        for output in outputs:
+            output.close()
     for path in job.targets.values():
-        tf.io.gfile.rename(path + ".partial", path, overwrite=True)
-    progress.add(*pending)
+        _rename(path + ".partial", path)
+
+
+def _frame_block(framer, block, shard_of, labels, targets):
+    """The images of a block ``(buffer, starts, ends, keys)`` that go to the shards ``targets``, framed shard after
+    shard: ``(bytes, where each target's records start and stop in them, images framed, their bytes)``."""
+    buffer, starts, ends, keys = block
+    chosen = np.flatnonzero(np.isin(shard_of, targets))
+    chosen = chosen[np.argsort(shard_of[chosen], kind="stable")]
+    framed, record_ends = framer.frame(buffer, starts[chosen], ends[chosen], labels[chosen], keys[chosen])
+    record_ends = np.append(0, record_ends)
+    firsts = record_ends[np.searchsorted(shard_of[chosen], targets, side="left")]
+    stops = record_ends[np.searchsorted(shard_of[chosen], targets, side="right")]
+    return framed, firsts, stops, len(chosen), int((ends - starts)[chosen].sum())
+
+
+def _write_shares(outputs, framed, firsts, stops):
+    """Append ``framed[firsts[i]:stops[i]]`` to ``outputs[i]``."""
+    for output, first, stop in zip(outputs, firsts.tolist(), stops.tolist()):
+        output.write(framed[first:stop])
+
+
+def _rename(source, dest):
+    """Rename a written shard into place; local files without importing TensorFlow (conversion processes)."""
+    if "://" not in dest:
+        os.replace(source, dest)
+    else:
+        import tensorflow as tf
+
+        tf.io.gfile.rename(source, dest, overwrite=True)
+
+
+class _GFileOutput:
+    """A ``tf.io.gfile`` file that takes numpy bytes (for ``gs://`` / ``s3://`` paths)."""
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        self.file = tf.io.gfile.GFile(path, "wb")
+
+    def write(self, data):
+        self.file.write(data.tobytes())
+
+    def close(self):
+        self.file.close()
+
+
+class _LocalOutput:
+    """A shard file on a local disk. What is written is handed to the disk at once: ``POSIX_FADV_DONTNEED`` starts
+    its writeback, so the disk writes while the next block is framed (instead of after the conversion, at the next
+    ``sync``), and the shards do not push the rest of the page cache out."""
+
+    def __init__(self, path):
+        self.fd, self.position = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 0
+
+    def write(self, data):
+        data = memoryview(data)
+        written = 0
+        while written < len(data):
+            written += os.write(self.fd, data[written:])
+        os.posix_fadvise(self.fd, self.position, written, os.POSIX_FADV_DONTNEED)
+        self.position += written
+
+    def close(self):
+        os.close(self.fd)
+
+
+def _open_output(path):
+    """A binary file to append framed records to: a local file, else a ``tf.io.gfile``."""
+    return _GFileOutput(path) if "://" in path else _LocalOutput(path)
 
 
 _WORKER_ITEMS = {}  # the source, opened once in each conversion process

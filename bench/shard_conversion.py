@@ -3,13 +3,13 @@
 ``train.rec`` next to a plain ``cp`` of the same file, alternated in one run, medians. One JSON line.
 
 The ``.rec`` holds ``--mb`` megabytes of real 112x112 JPEGs (2,000 generated images, repeated, 100 identities,
-with the identity header record). Both copies read the same file, so with a file smaller than the free memory both
-read from the page cache and write into it: the figures compare the CPU cost of the two copies. For disk-bound
-figures use a file larger than the memory (``--mb``) or drop the page cache between runs (root:
+with the identity header record). Each timing ends with a ``sync``: the copy is on the disk. Both copies read the
+same file, so with a file smaller than the free memory both read it from the page cache. For figures that read the
+disk too, use a file larger than the memory (``--mb``) or drop the page cache before each copy (root:
 ``sync; echo 3 > /proc/sys/vm/drop_caches``) with ``--drop_caches``.
 
-``--workers 1 2`` times the conversion in one process and in two (each converts its own groups of 16 shards;
-starting a process costs a few seconds of TensorFlow import, included).
+``--workers 1 2`` times the conversion in one process and in two (each converts its own groups of 16 shards; the
+start of the processes is included).
 
 Usage: ``python bench/shard_conversion.py [--mb 1000] [--rounds 3] [--shards 64] [--workers 1 2] [--dir DIR]``.
 """

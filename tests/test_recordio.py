@@ -23,6 +23,7 @@ import data
 import prepare_data
 import recordio
 import shards
+import tfrecord
 import utils
 
 CLASS_SIZES = [3, 2, 4, 3, 4]  # 16 images, tags 0..15 in key order
@@ -187,6 +188,21 @@ def test_a_broken_frame_reads_as_an_unreadable_image(rec_dir, tmp_path):
     assert images[1] == b"" and images[0] and images[2] and labels.tolist() == LABELS[2:5].tolist()
 
 
+@pytest.mark.parametrize("block_bytes", [1, 200, 1 << 20])  # a block per record, a few records, all
+def test_image_blocks_hold_every_image_in_file_order(rec_dir, tmp_path, block_bytes):
+    """The converter's reader: whole, split (tag 1) and 2-label records, a broken frame (empty image), positions
+    asked for in any order; each block is copied out before the next one reuses a buffer."""
+    index = recordio.load_index(rec_dir, cache_dir=str(tmp_path / "c"))
+    with open(index.rec_path, "r+b") as ff:
+        ff.seek(int(index.offsets[3]))
+        ff.write(b"XXXX")  # bad magic
+    seen = []
+    for positions, buffer, starts, ends in recordio.iter_image_blocks(index, np.arange(16)[::-1], block_bytes):
+        seen += [(position, bytes(buffer[start:end])) for position, start, end in zip(positions, starts, ends)]
+    assert [position for position, _ in seen] == list(range(16))
+    assert [image for _, image in seen] == [b"" if tag == 3 else tagged_rec_image(tag) for tag in range(16)]
+
+
 def test_two_worker_shares_of_a_rec(rec_dir, tmp_path):
     shares = [
         data.prepare_dataset(rec_dir, batch_size=4, shard=(2, ii), cache_dir=str(tmp_path / "c"), **OPTIONS)
@@ -239,16 +255,47 @@ def test_missing_idx_error_says_how_to_rebuild_it(rec_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 # Shards.
 # ---------------------------------------------------------------------------------------------------------
-def test_encoded_example_is_a_tf_train_example():
+def test_framed_examples_read_back_with_tensorflow(tmp_path):
+    """Records framed in bulk are read by TensorFlow's own TFRecord reader (which checks both CRCs of every
+    record) and parse as the tf.train.Example built field by field; varint lengths of 1-3 bytes on each side of
+    their boundaries, empty images and keys, labels up to 2**40."""
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    for size, label, key in ((0, 0, b""), (100, 127, b"0/1.jpg"), (20_000, 128, b"k" * 200), (70_000, 2**40, b"x")):
-        image = rng.bytes(size)
-        parsed = tf.train.Example.FromString(shards.encode_example(image, label, key)).features.feature
-        assert sorted(parsed) == ["image", "key", "label"]
-        assert parsed["image"].bytes_list.value == [image] and parsed["key"].bytes_list.value == [key]
-        assert parsed["label"].int64_list.value == [label]
+    sizes = [0, 100, 127, 128, 16_383, 16_384, 20_000, 70_000, 3]
+    labels = np.array([0, 127, 128, 2**40, 5, 300, 2**14, 1, 99])
+    keys = np.array([b"", b"0/1.jpg", b"k" * 200, b"x", b"train.rec record 17", b"a", b"b" * 127, b"c" * 128, b"d"])
+    images = [rng.bytes(size) for size in sizes]
+    filler = rng.bytes(7)  # images not back to back in the buffer, as in a RecordIO block
+    buffer = filler.join(images)
+    starts = np.cumsum([0] + [size + len(filler) for size in sizes[:-1]])
+    path = tmp_path / "t.tfrecord"
+    framed, record_ends = tfrecord.ExampleFramer().frame(buffer, starts, starts + sizes, labels, keys)
+    path.write_bytes(framed.tobytes())
+    records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+    assert len(records) == len(images)
+    for record, image, label, key in zip(records, images, labels.tolist(), keys):
+        expected = tf.train.Example(
+            features=tf.train.Features(
+                feature={
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                    "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key])),
+                }
+            )
+        )
+        assert tf.train.Example.FromString(record) == expected
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        tfrecord.ExampleFramer().frame(buffer, starts, starts + sizes, -labels, keys)
+
+
+def test_crc32c_of_rows_matches_the_c_library():
+    import google_crc32c
+
+    rows = np.random.default_rng(1).integers(0, 256, (50, 8), dtype=np.uint8)
+    expected = [google_crc32c.value(row.tobytes()) for row in rows]
+    assert tfrecord.crc32c_rows(rows).tolist() == expected
+    assert tfrecord.crc32c_rows(np.frombuffer(b"123456789", np.uint8)[None]).tolist() == [0xE3069283]  # check value
 
 
 def _shard_contents(folder):
@@ -327,33 +374,53 @@ def test_two_worker_shares_of_shards(rec_dir, tmp_path, num_shards):
 
 def test_shard_conversion_resumes_after_a_kill(rec_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "SHARD_GROUP", 2)
-    dest, real_encode, encoded = str(tmp_path / "sh"), shards.encode_example, []
+    dest, real_open, framed = str(tmp_path / "sh"), shards._open_output, []
 
-    def dying_encode(image, label, key):
-        encoded.append(key)
-        if len(encoded) == 11:  # in the second group
-            raise KeyboardInterrupt
-        return real_encode(image, label, key)
+    def open_dying_at_the_last_shard(path):
+        output = real_open(path)
+        if "train-00003" in path:  # the second group dies after writing its first shard
+            output.write = lambda data: (_ for _ in ()).throw(KeyboardInterrupt)
+        return output
 
-    monkeypatch.setattr(shards, "encode_example", dying_encode)
+    monkeypatch.setattr(shards, "_open_output", open_dying_at_the_last_shard)
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(rec_dir, dest, num_shards=4, cache_dir=str(tmp_path / "c"), progress=False)
     done = sorted(name for name in os.listdir(dest) if name.endswith(".tfrecord"))
     assert done == ["train-00000-of-00004.tfrecord", "train-00001-of-00004.tfrecord"]  # the first group, complete
+    assert os.path.getsize(os.path.join(dest, "train-00002-of-00004.tfrecord.partial")) > 0  # left behind, unused
+    monkeypatch.setattr(shards, "_open_output", real_open)
     assert not os.path.exists(os.path.join(dest, "shards.json"))  # no index: not usable yet
     with pytest.raises(FileNotFoundError, match="shard index not found.*unfinished"):
         data.prepare_dataset(dest, batch_size=4, **OPTIONS)
     with pytest.raises(ValueError, match="another conversion.*shards"):
         shards.write_shards(rec_dir, dest, num_shards=8, cache_dir=str(tmp_path / "c"), progress=False)
-    encoded.clear()
-    monkeypatch.setattr(shards, "encode_example", lambda *args: encoded.append(args[2]) or real_encode(*args))
+    real_frame = tfrecord.ExampleFramer.frame
+    monkeypatch.setattr(
+        tfrecord.ExampleFramer, "frame", lambda *args: framed.extend(args[5].tolist()) or real_frame(*args)
+    )
     summary = shards.write_shards(rec_dir, dest, num_shards=4, cache_dir=str(tmp_path / "c"), progress=False)
-    assert summary["new"] == 8 and len(encoded) == 8  # only the second group was written again
+    assert summary["new"] == 8 and len(framed) == 8  # only the second group was written again
     _, contents = _shard_contents(dest)
     assert sorted(key for records in contents.values() for key, _, _ in records) == sorted(
         f"train.rec record {key}" for key in range(1, 17)
     )
     assert shards.write_shards(rec_dir, dest, num_shards=4, cache_dir=str(tmp_path / "c"))["new"] == 0
+
+
+def test_shards_through_a_file_system_url(rec_dir, tmp_path):
+    """A ``scheme://`` destination goes through ``tf.io.gfile`` (as ``gs://`` would): written, resumed, trained."""
+    url = "file://" + str(tmp_path / "sh")
+    summary = shards.write_shards(rec_dir, url, num_shards=2, cache_dir=str(tmp_path / "c"), progress=False)
+    assert summary["new"] == 16
+    _, contents = _shard_contents(str(tmp_path / "sh"))
+    records = sum(contents.values(), [])
+    assert sorted(key for key, _, _ in records) == sorted(f"train.rec record {key}" for key in range(1, 17))
+    for key, label, image in records:
+        tag = int(key.split()[-1]) - 1
+        assert (label, image) == (LABELS[tag], tagged_rec_image(tag))
+    ds = data.prepare_dataset(url, batch_size=4, **OPTIONS)
+    tags, labels = _epochs(ds, 1)[0]
+    assert sorted(tags) == list(range(16)) and labels == LABELS[tags].tolist()
 
 
 def test_damaged_shard_is_refused(rec_dir, tmp_path):
