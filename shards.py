@@ -26,6 +26,7 @@ SHARD_FORMAT = "keras_insightface.shards.v1"
 SHARD_GROUP = 16  # shards written at a time (one sequential stretch of the source); a kill loses at most these
 TARGET_SHARD_BYTES = 256 << 20
 PARALLEL_MIN_BYTES = 1 << 30  # smaller sources convert in one process: a new one spends seconds importing TensorFlow
+FOLDER_BLOCK_FILES = 2048  # files of a class folder framed together
 PLAN_FILE = ".shards_plan.json"  # what an unfinished conversion is writing: a resumed run must match it
 
 
@@ -138,30 +139,31 @@ def _read_file(path):
         return ff.read()
 
 
-def _folder_items(source, cache_dir, workers=8, chunk=2048):
+def _folder_items(source, cache_dir, workers=8):
     from concurrent.futures import ThreadPoolExecutor
 
     listing = list_images(source, cache_dir)  # cached: worker processes do not scan the folder again
     names, labels = listing["image_names"], listing["image_classes"]
     sample = names[:: max(1, len(names) // 1000)]
     nbytes = int(np.mean([os.path.getsize(name) for name in sample]) * len(names))
-    keys = np.char.encode(np.array([os.path.relpath(name, source) for name in names]), "utf-8", "surrogateescape")
 
     def read(start, stop):
+        chunk = FOLDER_BLOCK_FILES
         with ThreadPoolExecutor(workers) as pool:  # reads the next chunk of files while this one is written
             pending = pool.map(_read_file, names[start : min(start + chunk, stop)])
             for first in range(start, stop, chunk):
                 contents = list(pending)
                 pending = pool.map(_read_file, names[first + chunk : min(first + 2 * chunk, stop)])
-                ends = np.cumsum([len(content) for content in contents])
-                yield (
-                    b"".join(contents),
-                    ends - [len(content) for content in contents],
-                    ends,
-                    keys[first : first + chunk],
-                )
+                yield _folder_block(source, names[first : first + len(contents)], contents)
 
     return _Items(os.path.abspath(source), folder_fingerprint(source), labels, nbytes, read)
+
+
+def _folder_block(source, names, contents):
+    """A block of class-folder images: ``(buffer, starts, ends, keys)``, the keys relative to the folder."""
+    lengths = np.array([len(content) for content in contents], np.int64)
+    keys = np.array([os.path.relpath(name, source).encode("utf-8", "surrogateescape") for name in names])
+    return b"".join(contents), np.cumsum(lengths) - lengths, np.cumsum(lengths), keys
 
 
 def _open_items(source, cache_dir):

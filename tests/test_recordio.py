@@ -327,7 +327,8 @@ def test_shards_of_a_rec_hold_the_same_bytes_dealt_round_robin(rec_dir, tmp_path
     assert not [name for name in os.listdir(tmp_path / "sh") if name.startswith(".") or name.endswith(".partial")]
 
 
-def test_shards_of_a_class_folder(tmp_path, capsys):
+def test_shards_of_a_class_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(shards, "FOLDER_BLOCK_FILES", 5)  # blocks of 5, 5, 5 and 1 images
     folder = tmp_path / "folder"
     for tag, label in enumerate(LABELS):
         os.makedirs(folder / str(label), exist_ok=True)
