@@ -6,8 +6,9 @@ the image came from, relative to the source: ``train.rec record 17`` or ``0/12.j
 at training time. Shards are written :data:`SHARD_GROUP` at a time from a contiguous stretch of the source, its
 images dealt round-robin among them: the source is read sequentially and every shard still holds many identities.
 Each shard appears under its final name only when complete, and the index is written last, so an interrupted
-conversion resumes with the next unfinished group and a folder with an index is complete. Paths go through
-``tf.io.gfile`` (``gs://`` / ``s3://`` where TensorFlow's file systems are installed).
+conversion resumes with the next unfinished group and a folder with an index is complete. Local shard files are
+written with plain file calls; other paths go through ``tf.io.gfile`` (``gs://`` / ``s3://`` where TensorFlow's file
+systems are installed). The records are framed a block of images at a time (:mod:`tfrecord`).
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ SHARD_INDEX = "shards.json"
 SHARD_FORMAT = "keras_insightface.shards.v1"
 SHARD_GROUP = 16  # shards written at a time (one sequential stretch of the source); a kill loses at most these
 TARGET_SHARD_BYTES = 256 << 20
-PARALLEL_MIN_BYTES = 1 << 30  # smaller sources convert in one process: a new one spends seconds importing TensorFlow
+PARALLEL_MIN_BYTES = 1 << 30  # smaller sources convert in one process: a new one first starts and loads the index
 FOLDER_BLOCK_FILES = 2048  # files of a class folder framed together
 PLAN_FILE = ".shards_plan.json"  # what an unfinished conversion is writing: a resumed run must match it
 
@@ -201,7 +202,7 @@ def write_shards(source, dest_dir, num_shards=0, cache_dir=None, progress=True, 
     """Copy the images of ``source`` (a ``.rec``, a folder with ``train.rec``, or a class folder) into TFRecord
     shards in ``dest_dir`` (see the module docstring); ``num_shards`` 0 picks :func:`default_shard_count`.
     ``workers > 1`` converts that many groups at a time in separate processes (each reads its own stretches of the
-    source sequentially; sources of at least ``PARALLEL_MIN_BYTES``): the copy is CPU-bound on one core.
+    source sequentially; sources of at least ``PARALLEL_MIN_BYTES``): one process keeps about 1.2 cores busy.
 
     Resumable: re-running the same command keeps the complete shards; a folder being filled from another source
     or with another shard count is refused. Returns a summary dict (``images``, ``classes``, ``shards``, ``new``
