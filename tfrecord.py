@@ -84,7 +84,7 @@ def _rows(pieces):
 
 def _fixed_bytes(values, dtype):
     """A piece holding each value as little-endian ``dtype`` bytes."""
-    data = np.asarray(values).astype(dtype).view(np.uint8).reshape(len(values), -1)
+    data = np.asarray(values).astype(dtype).view(np.uint8).reshape(len(values), np.dtype(dtype).itemsize)
     return data, np.full(len(values), data.shape[1])
 
 

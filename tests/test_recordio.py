@@ -287,6 +287,8 @@ def test_framed_examples_read_back_with_tensorflow(tmp_path):
         assert tf.train.Example.FromString(record) == expected
     with pytest.raises(ValueError, match="labels must be >= 0"):
         tfrecord.ExampleFramer().frame(buffer, starts, starts + sizes, -labels, keys)
+    nothing = tfrecord.ExampleFramer().frame(buffer, starts[:0], starts[:0], labels[:0], keys[:0])
+    assert (len(nothing[0]), len(nothing[1])) == (0, 0)  # a block whose images all go to shards already written
 
 
 def test_crc32c_of_rows_matches_the_c_library():
@@ -345,6 +347,22 @@ def test_shards_of_a_class_folder(tmp_path, capsys, monkeypatch):
     ds = data.prepare_dataset(str(tmp_path / "sh"), batch_size=4, **OPTIONS)
     tags, labels = _epochs(ds, 1)[0]
     assert sorted(tags) == list(range(16)) and labels == LABELS[tags].tolist()
+
+
+def test_resume_with_blocks_whose_images_all_go_to_a_finished_shard(tmp_path, monkeypatch):
+    """One image per block: on resume, every other block belongs only to the shard already written."""
+    folder = tmp_path / "folder"
+    for tag, label in enumerate(LABELS):
+        os.makedirs(folder / str(label), exist_ok=True)
+        (folder / str(label) / f"{tag:02d}.png").write_bytes(tagged_image(tag))
+    monkeypatch.setattr(shards, "FOLDER_BLOCK_FILES", 1)
+    dest, cache = tmp_path / "sh", str(tmp_path / "c")
+    shards.write_shards(str(folder), str(dest), num_shards=2, cache_dir=cache, progress=False)
+    first = (dest / "train-00001-of-00002.tfrecord").read_bytes()
+    os.remove(dest / "train-00001-of-00002.tfrecord")
+    os.remove(dest / "shards.json")  # as if killed before the second shard was renamed into place
+    summary = shards.write_shards(str(folder), str(dest), num_shards=2, cache_dir=cache, progress=False)
+    assert summary["new"] == 8 and (dest / "train-00001-of-00002.tfrecord").read_bytes() == first
 
 
 def test_every_image_once_per_epoch_from_shards(rec_dir, tmp_path):
