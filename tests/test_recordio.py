@@ -257,14 +257,16 @@ def test_missing_idx_error_says_how_to_rebuild_it(rec_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 def test_framed_examples_read_back_with_tensorflow(tmp_path):
     """Records framed in bulk are read by TensorFlow's own TFRecord reader (which checks both CRCs of every
-    record) and parse as the tf.train.Example built field by field; varint lengths of 1-3 bytes on each side of
+    record) and parse as the tf.train.Example built field by field; varint lengths of 1-4 bytes on each side of
     their boundaries, empty images and keys, labels up to 2**40."""
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    sizes = [0, 100, 127, 128, 16_383, 16_384, 20_000, 70_000, 3]
-    labels = np.array([0, 127, 128, 2**40, 5, 300, 2**14, 1, 99])
-    keys = np.array([b"", b"0/1.jpg", b"k" * 200, b"x", b"train.rec record 17", b"a", b"b" * 127, b"c" * 128, b"d"])
+    sizes = [0, 100, 127, 128, 16_383, 16_384, 20_000, 70_000, 3, 2**21]
+    labels = np.array([0, 127, 128, 2**40, 5, 300, 2**14, 1, 99, 2**21])
+    keys = np.array(
+        [b"", b"0/1.jpg", b"k" * 200, b"x", b"train.rec record 17", b"a", b"b" * 127, b"c" * 128, b"d", b"e"]
+    )
     images = [rng.bytes(size) for size in sizes]
     filler = rng.bytes(7)  # images not back to back in the buffer, as in a RecordIO block
     buffer = filler.join(images)
