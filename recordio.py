@@ -677,7 +677,8 @@ def iter_image_blocks(index, positions, block_bytes=BLOCK_BYTES):
         if len(buffers[number % 2]) < size:
             buffers[number % 2] = bytearray(size)
         block = memoryview(buffers[number % 2])[:size]
-        return first, block[: os.preadv(ff.fileno(), [block], first)]
+        ff.seek(first)
+        return first, block[: ff.readinto(block)]
 
     with open(index.rec_path, "rb") as ff, ThreadPoolExecutor(1) as reader:
         pending = reader.submit(read, 0) if groups else None

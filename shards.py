@@ -388,7 +388,8 @@ class _LocalOutput:
         written = 0
         while written < len(data):
             written += os.write(self.fd, data[written:])
-        os.posix_fadvise(self.fd, self.position, written, os.POSIX_FADV_DONTNEED)
+        if hasattr(os, "posix_fadvise"):  # not on macOS or Windows
+            os.posix_fadvise(self.fd, self.position, written, os.POSIX_FADV_DONTNEED)
         self.position += written
 
     def close(self):
