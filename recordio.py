@@ -226,9 +226,9 @@ class RecordIOReader:
 
 
 def rebuild_idx(rec_path, idx_path=None, progress=True):
-    """Write the ``.idx`` of ``rec_path`` (a ``.rec`` or a folder with ``train.rec``; default: next to it) from one sequential pass over the records: keys are
-    0, 1, 2 ... in file order, as MXNet and insightface number them. A record cut short by the end of the file is an
-    error (nothing is written). Returns the index path."""
+    """Write the ``.idx`` of ``rec_path`` (a ``.rec`` or a folder with ``train.rec``; default: next to it) from one
+    sequential pass over the records: keys are 0, 1, 2 ... in file order, as MXNet and insightface number them. A
+    record cut short by the end of the file is an error (nothing is written). Returns the index path."""
     from tqdm import tqdm
 
     rec_path = rec_path_of(rec_path)
@@ -439,11 +439,18 @@ def _header_fields(records, positions, progress=False):
             chosen = order[start:stop]
             first = int(records.offsets[positions[chosen[0]]])
             ff.seek(first)
-            block = np.frombuffer(ff.read(int(records.offsets[positions[chosen[-1]]]) + HEADER_BYTES - first), np.uint8)
-            block = np.pad(block, (0, HEADER_BYTES))
-            heads[chosen] = block[(records.offsets[positions[chosen]] - first)[:, None] + np.arange(HEADER_BYTES)]
+            block = ff.read(int(records.offsets[positions[chosen[-1]]]) + HEADER_BYTES - first)
+            heads[chosen] = _bytes_at(block, records.offsets[positions[chosen]] - first, HEADER_BYTES)
             bar.update(int(records.spans[positions[chosen]].sum()))
     return _decode_heads(records, positions, heads)
+
+
+def _bytes_at(block, offsets, width):
+    """The ``width`` bytes of ``block`` at each offset, as the rows of a uint8 matrix (zeros past its end), without
+    copying the block."""
+    data = np.frombuffer(block, np.uint8)
+    where = offsets[:, None] + np.arange(width)
+    return np.where(where < len(data), data[np.minimum(where, len(data) - 1)], 0).astype(np.uint8)
 
 
 def _decode_heads(records, positions, heads):
@@ -708,8 +715,7 @@ def _image_ranges(block, offsets, spans):
     """``(starts, ends)`` of the image in each record framed whole at ``block[offsets[i]:offsets[i] + spans[i]]``;
     -1 for records that are not (split into parts, or not a record there). A payload too short to hold its
     header and labels has an empty image."""
-    heads = np.frombuffer(block, np.uint8)[np.minimum(offsets[:, None] + np.arange(12), len(block) - 1)]
-    magic, lrec, flags = heads.view("<u4").astype(np.int64).T
+    magic, lrec, flags = _bytes_at(block, offsets, 12).view("<u4").astype(np.int64).T
     ends = offsets + 8 + (lrec & LENGTH_MASK)
     whole = (magic == RECORDIO_MAGIC) & (lrec >> 29 == 0) & (ends <= np.minimum(offsets + spans, len(block)))
     starts = np.minimum(offsets + 8 + IR_SIZE + 4 * flags, ends)

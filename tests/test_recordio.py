@@ -365,6 +365,11 @@ def test_resume_with_blocks_whose_images_all_go_to_a_finished_shard(tmp_path, mo
     os.remove(dest / "shards.json")  # as if killed before the second shard was renamed into place
     summary = shards.write_shards(str(folder), str(dest), num_shards=2, cache_dir=cache, progress=False)
     assert summary["new"] == 8 and (dest / "train-00001-of-00002.tfrecord").read_bytes() == first
+    _, contents = _shard_contents(str(dest))
+    assert sorted(key for records in contents.values() for key, _, _ in records) == sorted(
+        f"{label}/{tag:02d}.png" for tag, label in enumerate(LABELS)
+    )
+    assert all(image == (folder / key).read_bytes() for records in contents.values() for key, _, image in records)
 
 
 def test_every_image_once_per_epoch_from_shards(rec_dir, tmp_path):
