@@ -1,20 +1,31 @@
-"""Installs the flat top-level modules (``import train, losses, models``) and ``backbones``."""
+"""Installs the ``keras_insightface`` package (its recipes included) and the ``keras-insightface`` command.
+
+The checkout's root scripts (``train.py``, ``evals.py``, ...) are entry points onto the package for users working in
+a clone; they are not installed.
+"""
 
 import os
+import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Every top-level module of the repository is part of the library (users import them by name).
-MODULES = sorted(name[:-3] for name in os.listdir(HERE) if name.endswith(".py") and name != "setup.py")
+
+
+def read_version():
+    """``__version__`` of the package, read without importing it (its dependencies are not installed yet)."""
+    with open(os.path.join(HERE, "keras_insightface", "__init__.py")) as ff:
+        return re.search(r'^__version__ = "([^"]+)"', ff.read(), re.M).group(1)
+
 
 setup(
     name="keras_insightface",
-    version="0.1.0",
-    description="Face-recognition training with margin losses on TensorFlow / Keras 3",
+    version=read_version(),
+    description="Face-recognition training with margin losses on Keras 3 (TensorFlow or JAX)",
     python_requires=">=3.10",
-    py_modules=MODULES,
-    packages=["backbones"],
+    packages=find_packages(include=["keras_insightface", "keras_insightface.*"]),
+    package_data={"keras_insightface": ["recipes/*.py"]},
+    entry_points={"console_scripts": ["keras-insightface = keras_insightface.cli:main"]},
     install_requires=[
         "tensorflow>=2.18",
         "keras>=3.6",
@@ -29,7 +40,7 @@ setup(
         "google-crc32c",  # the checksums of TFRecord shards, in C
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime", "jax[cpu]"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime", "jax[cpu]", "wheel"],
         "onnx": ["onnxruntime", "tf2onnx"],
         "cv": ["opencv-python-headless"],
         "bench": ["tf-keras"],  # bench/keras2_reference.py: legacy Keras 2, the library users run today

@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
+from keras_insightface.models import zoo as models  # noqa: E402
 
 # (name, output_layer, emb_shape) quoted in the docs; insightface publishes r50 43.6M, r100 65.2M.
 DEFAULT_CASES = (("r50", "E", 512), ("r100", "E", 512), ("mobilefacenet", "GDC", 256), ("MobileNet", "GDC", 256))

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import face_detector  # noqa: E402
+from keras_insightface.faces import detector as face_detector  # noqa: E402
 
 
 def mtcnn_detector():

@@ -31,7 +31,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import models  # noqa: E402
+from keras_insightface.models import zoo as models  # noqa: E402
 
 ConvSpec = collections.namedtuple("ConvSpec", "depthwise input_shape kernel_shape strides padding dilation input_grad")
 

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 
 def _basic_model(image_size, bn_momentum, emb_shape=128):
-    import models
+    from keras_insightface.models import zoo as models
 
     return models.buildin_models(
         "mobilefacenet",
@@ -35,7 +35,7 @@ def _basic_model(image_size, bn_momentum, emb_shape=128):
 
 
 def _trainer(data_path, save_path, basic_model, args, epochs, lr_base=0.002):
-    import train
+    from keras_insightface.training import train
 
     return train.Train(
         data_path,
@@ -60,7 +60,7 @@ def held_out_images(bin_path, image_size):
 
     from PIL import Image
 
-    import data
+    from keras_insightface.data import pipeline as data
 
     bins, issame = data.load_bin(bin_path)
     index = {payload: position for position, payload in enumerate(dict.fromkeys(bins))}
@@ -91,10 +91,10 @@ def main(argv=None):
 
     import keras
 
-    import data
-    import data_distiller
-    import demo_data
-    import losses
+    from keras_insightface.data import demo as demo_data
+    from keras_insightface.data import pipeline as data
+    from keras_insightface.nn import losses
+    from keras_insightface.tools import distiller as data_distiller
 
     keras.utils.set_random_seed(args.seed)
     start = time.time()

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import evals  # noqa: E402
-import IJB_evals  # noqa: E402
+from keras_insightface.evaluation import evals  # noqa: E402
+from keras_insightface.evaluation import ijb as IJB_evals  # noqa: E402
 
 
 def time_metrics(num_pairs=6000, dim=512, repeats=5):

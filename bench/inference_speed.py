@@ -26,10 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402
-import demo_data  # noqa: E402
-import export  # noqa: E402
-import models  # noqa: E402
+from keras_insightface.data import demo as demo_data  # noqa: E402
+from keras_insightface.data import pipeline as data  # noqa: E402
+from keras_insightface.models import zoo as models  # noqa: E402
+from keras_insightface.tools import export  # noqa: E402
 
 TFLITE_VARIANTS = ("float32", "float16", "dynamic", "uint8")
 

@@ -28,7 +28,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
 sys.modules["keras"] = tf_keras  # the repository's backbones are built with Keras 2 layers in this process
-import models  # noqa: E402
+from keras_insightface.models import zoo as models  # noqa: E402
 
 
 class NormDense(tf_keras.layers.Layer):

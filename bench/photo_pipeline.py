@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import face_detector  # noqa: E402
+from keras_insightface.faces import detector as face_detector  # noqa: E402
 
 
 def real_faces():
@@ -60,7 +60,7 @@ def make_raw_folder(root, num_images, per_folder=20, seed=0, size=250):
 
 
 def bench_align(num_images, workers, size=250):
-    import prepare_data
+    from keras_insightface.tools import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, out = os.path.join(tmp, "raw"), os.path.join(tmp, "aligned")
@@ -85,9 +85,9 @@ def bench_align(num_images, workers, size=250):
 
 
 def bench_folder(num_images):
-    import demo_data
-    import evals
-    import models
+    from keras_insightface.data import demo as demo_data
+    from keras_insightface.evaluation import evals
+    from keras_insightface.models import zoo as models
 
     with tempfile.TemporaryDirectory() as tmp:
         demo = demo_data.make_demo_dataset(

@@ -23,10 +23,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402
-import demo_data  # noqa: E402
-import prepare_data  # noqa: E402
-import shards  # noqa: E402
+from keras_insightface.data import demo as demo_data  # noqa: E402
+from keras_insightface.data import pipeline as data  # noqa: E402
+from keras_insightface.data import shards  # noqa: E402
+from keras_insightface.tools import prepare_data  # noqa: E402
 
 SOURCES = ("folder", "rec", "shards")
 

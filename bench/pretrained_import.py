@@ -22,7 +22,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from pretrained_files import iresnet_state_dict, torch_iresnet_onnx, write_torch_checkpoint  # noqa: E402
 
-from backbones.resnet import IRESNET_DEPTHS, IRESNET_FILTERS  # noqa: E402
+from keras_insightface.models.backbones.resnet import IRESNET_DEPTHS, IRESNET_FILTERS  # noqa: E402
 
 BLOCKS = {f"r{depth}": IRESNET_DEPTHS[depth] for depth in (18, 34, 50, 100)}
 TIMED_IMPORT = (

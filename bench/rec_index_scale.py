@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import data  # noqa: E402
-import recordio  # noqa: E402
+from keras_insightface.data import pipeline as data  # noqa: E402
+from keras_insightface.data import recordio  # noqa: E402
 
 SETS = {"ms1mv3": (5_179_510, 93_431), "glint360k": (17_091_657, 360_232), "webface42m": (42_474_557, 2_059_906)}
 

@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import demo_data  # noqa: E402
-import prepare_data  # noqa: E402
-import recordio  # noqa: E402
+from keras_insightface.data import demo as demo_data  # noqa: E402
+from keras_insightface.data import recordio  # noqa: E402
+from keras_insightface.tools import prepare_data  # noqa: E402
 
 
 def _image_slices(records, start):

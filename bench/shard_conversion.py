@@ -29,10 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-import demo_data  # noqa: E402
-import recordio  # noqa: E402
-import shards  # noqa: E402
-from formats import scan_class_folder  # noqa: E402
+from keras_insightface.data import demo as demo_data  # noqa: E402
+from keras_insightface.data import (
+    recordio,  # noqa: E402
+    shards,  # noqa: E402
+)
+from keras_insightface.data.formats import scan_class_folder  # noqa: E402
 
 
 def make_rec(root, megabytes):

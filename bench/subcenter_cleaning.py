@@ -21,7 +21,7 @@ def make_noisy_folder(train_dir, dest_dir, noise, seed):
 
     Returns the set of mislabeled destination paths.
     """
-    import data
+    from keras_insightface.data import pipeline as data
 
     names, classes, class_names = data.scan_class_folder(train_dir)
     rng = np.random.default_rng(seed)
@@ -58,11 +58,11 @@ def main(argv=None):
 
     import keras
 
-    import data_drop_top_k
-    import demo_data
-    import losses
-    import models
-    import train
+    from keras_insightface.data import demo as demo_data
+    from keras_insightface.models import zoo as models
+    from keras_insightface.nn import losses
+    from keras_insightface.tools import drop_top_k as data_drop_top_k
+    from keras_insightface.training import train
 
     keras.utils.set_random_seed(args.seed)
     start = time.time()
@@ -126,7 +126,7 @@ def main(argv=None):
 
 
 def _all_images(folder):
-    import data
+    from keras_insightface.data import pipeline as data
 
     return [str(name) for name in data.scan_class_folder(folder)[0]]
 

@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import losses  # noqa: E402
-import models  # noqa: E402
+from keras_insightface.models import zoo as models  # noqa: E402
+from keras_insightface.nn import losses  # noqa: E402
 
 
 def build_backbone(name, image_size, emb_shape, output_layer="GDC"):
@@ -87,7 +87,7 @@ def steady_rate(times, batch, warmup):
 
 def train_rate(args, loss, dataset, workdir, warmup=3):
     """``(images/s, first-step seconds)`` of ``Train``'s loop with ``loss`` (its head is built by ``Train``)."""
-    import train
+    from keras_insightface.training import train
 
     timer = BatchTimes()
     tt = train.Train(
@@ -130,7 +130,7 @@ def fit_rate(args, images, labels, warmup=3):
 def compare_train_and_fit(args):
     import tensorflow as tf
 
-    import data
+    from keras_insightface.data import pipeline as data
 
     images, labels = synthetic_batches(args.batch, args.image_size, args.classes)
     ds = tf.data.Dataset.from_tensors((images, {"label": labels})).repeat()
@@ -155,7 +155,7 @@ NETWORK_HEADS = {"mobilefacenet": ("GDC", 256), "r50": ("E", 512)}  # the issue'
 
 def ours_child(args):
     """``Train`` on the JPEG folder: ArcFace s=64, SGD momentum 0.9, random flip (one process per run)."""
-    import data
+    from keras_insightface.data import pipeline as data
 
     with tempfile.TemporaryDirectory() as workdir:
         dataset = data.prepare_dataset(
@@ -177,7 +177,7 @@ def compare_with_keras2(args, argv):
     """Alternate ours / tf-keras runs (and in float32 the convolution floor), each in a fresh process; medians and
     their ratios."""
     if not args.data:
-        import demo_data
+        from keras_insightface.data import demo as demo_data
 
         args.data = demo_data.make_demo_dataset(
             os.path.join(tempfile.gettempdir(), "keras2_bench_faces"), num_classes=100, images_per_class=20,
@@ -232,8 +232,7 @@ def _keras2_summary(runs):
 def jax_rate(args, images, labels, warmup=3):
     """``(images/s, first-step seconds)`` of ``runner_jax.JaxStepRunner`` on one in-memory batch, ArcFace head
     (needs only JAX and Keras: no TensorFlow, no ``tf.data``)."""
-    import runner_jax
-    import stages
+    from keras_insightface.training import runner_jax, stages
 
     basic_model = build_backbone(args.backbone, args.image_size, args.emb_shape, args.output_layer)
     stage = stages.StageBuilder(basic_model, classes=args.classes).build(
@@ -258,7 +257,7 @@ def backend_child(args):
     else:
         import tensorflow as tf
 
-        import data
+        from keras_insightface.data import pipeline as data
 
         ds = tf.data.Dataset.from_tensors((images, {"label": labels})).repeat()
         dataset = data.TrainDataset(ds, steps_per_epoch=args.steps + 3, classes=args.classes, num_images=args.batch)

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_small(tmp_path_factory):
     """12 training identities x 10 images and a 200-pair bin of 20 unseen identities, 32x32 pixels."""
-    import demo_data
+    from keras_insightface.data import demo as demo_data
 
     root = tmp_path_factory.mktemp("demo_small")
     return demo_data.make_demo_dataset(

@@ -11,12 +11,10 @@ import jax
 import keras
 import numpy as np
 
-import data
-import losses
-import models
-import runner_jax
-import stages
-import train
+from keras_insightface.data import pipeline as data
+from keras_insightface.models import zoo as models
+from keras_insightface.nn import losses
+from keras_insightface.training import runner_jax, stages, train
 
 IMAGES, CLASSES, GLOBAL_BATCH = 16, 4, 8
 

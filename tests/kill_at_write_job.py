@@ -10,8 +10,8 @@ import signal
 import keras
 from helpers import tiny_basic_model
 
-import losses
-import train
+from keras_insightface.nn import losses
+from keras_insightface.training import train
 
 real_replace = os.replace
 

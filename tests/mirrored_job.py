@@ -14,9 +14,9 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import data  # noqa: E402
-import losses  # noqa: E402
-import train  # noqa: E402
+from keras_insightface.data import pipeline as data  # noqa: E402
+from keras_insightface.nn import losses  # noqa: E402
+from keras_insightface.training import train  # noqa: E402
 
 GLOBAL_BATCH, CLASSES, STEPS = 8, 4, 3
 

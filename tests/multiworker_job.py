@@ -24,9 +24,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from helpers import epoch_tags, tiny_basic_model  # noqa: E402
 
-import losses  # noqa: E402
-import runner  # noqa: E402
-import train  # noqa: E402
+from keras_insightface.nn import losses  # noqa: E402
+from keras_insightface.training import runner, train  # noqa: E402
 
 
 def worker_epoch_tags(tt, path):

@@ -8,8 +8,8 @@ import keras
 import numpy as np
 from helpers import tiny_basic_model
 
-import losses
-import train
+from keras_insightface.nn import losses
+from keras_insightface.training import train
 
 
 class KillMidEpoch(keras.callbacks.Callback):

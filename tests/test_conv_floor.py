@@ -53,7 +53,7 @@ def test_multiply_adds_per_image_match_hand_counts():
 def test_iresnet50_does_6_3_gigamacs_per_112px_image():
     """IResNet-50's convolutions counted from its layout: a 3x3 stem, per stage a strided first block with a 1x1
     shortcut, then stride-1 blocks of two 3x3 convolutions."""
-    import models
+    from keras_insightface.models import zoo as models
 
     expected, size, channels = 112 * 112 * 9 * 3 * 64, 112, 64
     for repeats, filters in zip((3, 4, 14, 3), (64, 128, 256, 512)):
@@ -81,7 +81,7 @@ def test_batch_norms_over_channels_last_images_are_listed_by_shape():
 def test_iresnet50_batch_norms_follow_its_layout():
     """A stem batch norm; per stage a first block with three (before its first convolution, between the two, after
     the strided one) and one on the 1x1 shortcut, then three per stride-1 block; the E head's on the last maps."""
-    import models
+    from keras_insightface.models import zoo as models
 
     expected, size, channels = collections.Counter({(112, 112, 64): 1}), 112, 64
     for repeats, filters in zip((3, 4, 14, 3), (64, 128, 256, 512)):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
+from keras_insightface.data import pipeline as data
 
 
 def _write_folder(root, class_sizes, size=24):
@@ -211,7 +211,7 @@ def test_wrap_a_user_dataset():
 
 
 def test_distill_tfrecord_and_npz_give_embedding_targets(demo_small, tmp_path):
-    import data_distiller
+    from keras_insightface.tools import distiller as data_distiller
 
     listing = data.pre_process_folder(demo_small["train_dir"], cache_dir=str(tmp_path))
     teacher = np.random.default_rng(0).normal(size=(12, 6)).astype("float16")  # one embedding per class

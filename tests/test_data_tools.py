@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
-import data_distiller
-import data_drop_top_k
-import prepare_data
-import utils
+from keras_insightface import utils
+from keras_insightface.cli import distill as distill_cli
+from keras_insightface.cli import prepare as prepare_cli
+from keras_insightface.data import pipeline as data
+from keras_insightface.tools import distiller as data_distiller
+from keras_insightface.tools import drop_top_k as data_drop_top_k
+from keras_insightface.tools import prepare_data
 
 MAGIC = struct.pack("<I", 0xCED7230A)
 
@@ -164,7 +166,7 @@ def test_cli_reports_a_truncated_rec_in_one_line(packed, capsys):
     index = prepare_data.read_idx(os.path.join(packed, "train.idx"))
     with open(rec_path, "r+b") as ff:
         ff.truncate(index[7] + 20)
-    assert utils.run_main(prepare_data.main, ["-D", packed]) == 2
+    assert utils.run_main(prepare_cli.main, ["-D", packed]) == 2
     err = capsys.readouterr().err  # besides the error line, stderr holds only the progress bar
     errors = [line for line in err.splitlines() if "error:" in line]
     assert "Traceback" not in err and len(errors) == 1
@@ -181,7 +183,7 @@ def test_count_mismatch_is_reported(packed):
         summary = prepare_data.recordio_to_folders(packed)
     assert summary["mismatch"] and summary["extracted"] == 8
     with pytest.warns(UserWarning, match="announces 9 images"):
-        assert prepare_data.main(["-D", packed]) == 1
+        assert prepare_cli.main(["-D", packed]) == 1
 
 
 def test_reformat_old_bin_keeps_original(tmp_path):
@@ -191,7 +193,7 @@ def test_reformat_old_bin_keeps_original(tmp_path):
     with open(old_path, "wb") as ff:  # old format: encoded bytes stored as numpy uint8 arrays
         pickle.dump(([np.frombuffer(ii, np.uint8) for ii in images], [True, False]), ff)
     original = hashlib.sha256(old_path.read_bytes()).hexdigest()
-    assert prepare_data.main(["-D", str(tmp_path), "-T", "agedb_30.bin"]) == 0  # -T names are relative to -D
+    assert prepare_cli.main(["-D", str(tmp_path), "-T", "agedb_30.bin"]) == 0  # -T names are relative to -D
     new_path = tmp_path / "agedb_30_reformatted.bin"
     with open(new_path, "rb") as ff:
         bins, issame = data.restricted_pickle_load(ff)
@@ -203,7 +205,7 @@ def test_reformat_old_bin_keeps_original(tmp_path):
 
 def test_make_bin_from_folder(class_folder, tmp_path):
     dest = str(tmp_path / "mine.bin")
-    assert prepare_data.main(["-B", class_folder, "-o", dest, "--pairs", "11", "--seed", "3"]) == 0
+    assert prepare_cli.main(["-B", class_folder, "-o", dest, "--pairs", "11", "--seed", "3"]) == 0
     bins, issame = data.load_bin(dest)
     assert len(bins) == 22 and int(issame.sum()) == 5
     owner = {payload: name.split("/")[0] for name, payload in _tree(class_folder).items()}
@@ -277,7 +279,7 @@ def test_distiller_tfrecord_npz_fp16(png_folder, teacher_file, tmp_path):
     assert embs16.dtype == np.float16 and names16.tolist() == names and classes16.tolist() == classes.tolist()
     np.testing.assert_allclose(embs16.astype(np.float32), embs, rtol=0, atol=2**-12)  # fp16 rounding of |x| < 1
 
-    data_distiller.main(["-D", npz16])  # npz alone -> tfrecord next to it
+    distill_cli.main(["-D", npz16])  # npz alone -> tfrecord next to it
     names_t, classes_t, embs_t, header_t = _read_tfrecord(str(tmp_path / "d16.tfrecord"))
     assert header_t["use_fp16"] and names_t == names and classes_t.tolist() == classes.tolist()
     np.testing.assert_array_equal(embs_t, embs16.astype(np.float32))
@@ -344,7 +346,7 @@ IMAGES = {  # class -> [(color, kept at 75 degrees, kept at 50 degrees)]
 def sub_center_setup(tmp_path_factory):
     import keras
 
-    import losses
+    from keras_insightface.nn import losses
 
     root = tmp_path_factory.mktemp("topk") / "colors"
     for label, images in IMAGES.items():
@@ -399,7 +401,7 @@ def test_drop_top_k_accepts_a_partial_fc_head(sub_center_setup, tmp_path):
     """A ``PartialFCNormDense`` head stores the same centers transposed; the cleaning result must not change."""
     import keras
 
-    import losses
+    from keras_insightface.nn import losses
 
     root, model = sub_center_setup
     inputs = keras.Input((8, 8, 3))

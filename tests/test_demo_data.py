@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
-import demo_data
+from keras_insightface.data import demo as demo_data
+from keras_insightface.data import pipeline as data
 
 
 def _raw_pixel_best_accuracy(bin_path):

@@ -11,7 +11,7 @@ import sys
 import pytest
 from helpers import free_ports, run_together, write_tagged_rec
 
-import shards
+from keras_insightface.data import shards
 
 pytestmark = pytest.mark.slow  # trains models or starts processes
 
@@ -67,7 +67,7 @@ def test_two_worker_multiworker_epoch(demo_small, tmp_path):
 def test_distribute_option_opens_the_strategy_scope():
     import tensorflow as tf
 
-    import train
+    from keras_insightface.training import train
 
     with train.distribution_scope("mirrored"):
         assert isinstance(tf.distribute.get_strategy(), tf.distribute.MirroredStrategy)

@@ -13,10 +13,11 @@ import tensorflow as tf
 from PIL import Image
 from sklearn.model_selection import KFold
 
-import data
-import evals
-import metrics as metric_functions
-import utils
+from keras_insightface import utils
+from keras_insightface.cli import evals as evals_cli
+from keras_insightface.data import pipeline as data
+from keras_insightface.evaluation import evals
+from keras_insightface.evaluation import metrics as metric_functions
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_cli_prints_metrics_table(bin_case, model, tmp_path, capsys):
     path, decoded, issame = bin_case
     model_path = str(tmp_path / "basic.keras")
     model.save(model_path)
-    results = evals.main(["-m", model_path, "-t", path, path, "-b", "16", "--no-flip", "--scale", "127.5"])
+    results = evals_cli.main(["-m", model_path, "-t", path, path, "-b", "16", "--no-flip", "--scale", "127.5"])
     expected = evals.verification_metrics(
         reference_embeddings(model, decoded, data.INSIGHTFACE_SCALE, flip=False), issame
     )
@@ -377,7 +378,7 @@ def test_cli_prints_metrics_table(bin_case, model, tmp_path, capsys):
     assert "| bin | accuracy | thresh | 10-fold acc |" in out
     assert "| tinyset | %.6f |" % expected["accuracy"] in out
     with pytest.raises(FileNotFoundError, match="model not found"):
-        evals.main(["-m", str(tmp_path / "none.keras"), "-t", path])
+        evals_cli.main(["-m", str(tmp_path / "none.keras"), "-t", path])
 
 
 def test_cli_errors_are_one_line_with_status_2(bin_case, model, tmp_path, capsys):
@@ -391,7 +392,7 @@ def test_cli_errors_are_one_line_with_status_2(bin_case, model, tmp_path, capsys
         (["-m", str(tmp_path / "none.keras"), "-t", path], "model not found"),
         (["-m", model_path, "-t", str(tmp_path / "none.bin")], "verification bin not found"),
     ]:
-        assert utils.run_main(evals.main, argv) == 2
+        assert utils.run_main(evals_cli.main, argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
 
@@ -415,7 +416,7 @@ def test_files_that_are_not_models_and_unrebuildable_models_are_one_line(bin_cas
             "lambda.keras: cannot rebuild the saved model: its Lambda layer failed with TypeError: arg 4 (defaults)",
         ),
     ]:
-        assert utils.run_main(evals.main, argv) == 2
+        assert utils.run_main(evals_cli.main, argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
 

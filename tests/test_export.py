@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import demo_data
-import export
-import utils
+from keras_insightface import utils
+from keras_insightface.cli import export as export_cli
+from keras_insightface.data import demo as demo_data
+from keras_insightface.tools import export
 
 SIZE = 48
 EMB = 64
@@ -209,7 +210,7 @@ def test_an_unwritable_destination_fails_before_any_work(model, tmp_path, monkey
     monkeypatch.setattr(export, "build_deploy_model", no_work)
     (tmp_path / "a_file").write_text("x")
     dest = str(tmp_path / "a_file" / "x.tflite")  # its folder would be a file: even root cannot write there
-    assert utils.run_main(export.main, ["-m", model_path, "-o", dest]) == 2
+    assert utils.run_main(export_cli.main, ["-m", model_path, "-o", dest]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"cannot write {dest}: " in lines[0]
 
@@ -233,14 +234,14 @@ def test_bad_options_raise_value_error(model, tmp_path, kwargs, message):
 def test_cli_exports_next_to_the_model_file(model, demo, tmp_path):
     model_path = tmp_path / "basic.keras"
     model.save(model_path)
-    dest = export.main(["-m", str(model_path), "-f", "tflite", "-q", "float16", "--l2", "--preprocess"])
+    dest = export_cli.main(["-m", str(model_path), "-f", "tflite", "-q", "float16", "--l2", "--preprocess"])
     assert dest == str(tmp_path / "basic_float16_pre_l2.tflite")
     outputs = export.tflite_predict(dest, demo["images"][:4])
     expected = model.predict(seeds_normalize(demo["images"][:4]), verbose=0)
     np.testing.assert_allclose(np.linalg.norm(outputs, axis=1), 1.0, atol=1e-3)
     assert cosine(outputs, expected).min() >= 0.999
     with pytest.raises(FileNotFoundError, match="model not found"):
-        export.main(["-m", str(tmp_path / "missing.keras")])
+        export_cli.main(["-m", str(tmp_path / "missing.keras")])
 
 
 def test_onnx_without_tf2onnx_says_what_to_install(model, tmp_path, monkeypatch):

@@ -14,9 +14,10 @@ import skimage.data
 from PIL import Image
 from skimage.transform import SimilarityTransform, warp
 
-import alignment
-import face_detector
-import prepare_data
+from keras_insightface.cli import prepare as prepare_cli
+from keras_insightface.faces import alignment
+from keras_insightface.faces import detector as face_detector
+from keras_insightface.tools import prepare_data
 
 # Hand-annotated (x, y) in pixel-centre coordinates: iris centres, nose tip, mouth corners (left = image left).
 ASTRONAUT_LANDMARKS = np.array([[202.3, 100.1], [246.7, 102.8], [222.9, 126.6], [203.5, 140.0], [241.8, 141.0]])
@@ -263,7 +264,7 @@ def read_report(path):
 def test_align_folder_reports_bad_input_and_resumes(raw_folder, detector, tmp_path):
     out = str(tmp_path / "aligned")
     bin_path = str(tmp_path / "pairs.bin")
-    status = prepare_data.main(["--align", raw_folder, "-o", out, "--bin", bin_path, "--pairs", "4", "--workers", "2"])
+    status = prepare_cli.main(["--align", raw_folder, "-o", out, "--bin", bin_path, "--pairs", "4", "--workers", "2"])
     assert status == 0
     report = read_report(os.path.join(out, "align_report.csv"))
     assert {name: row["status"] for name, row in report.items()} == {
@@ -283,7 +284,7 @@ def test_align_folder_reports_bad_input_and_resumes(raw_folder, detector, tmp_pa
         assert crop.shape == (112, 112, 3)
         for eye in TEMPLATE[:2]:
             assert np.linalg.norm(dark_centroid(crop, eye) - eye) < 4.0, name
-    import data
+    from keras_insightface.data import pipeline as data
 
     bins, issame = data.load_bin(bin_path)
     assert len(bins) == 8 and sorted(issame.tolist()) == [False, False, True, True]
@@ -353,7 +354,7 @@ def test_align_cli_errors_are_one_line(raw_folder, tmp_path, capsys):
         missing.stderr.strip().count("\n") == 0 and f"photo folder not found: {tmp_path / 'nowhere'}" in missing.stderr
     )
     with pytest.raises(SystemExit):
-        prepare_data.main(["--align", raw_folder])  # no -o
+        prepare_cli.main(["--align", raw_folder])  # no -o
     assert "need -o" in capsys.readouterr().err
     with pytest.raises(ValueError, match="must not be inside the photo folder"):
         prepare_data.align_folder(raw_folder, os.path.join(raw_folder, "aligned"))
@@ -363,7 +364,7 @@ def test_align_cli_errors_are_one_line(raw_folder, tmp_path, capsys):
 def test_align_checks_the_bin_pairs_before_aligning(raw_folder, tmp_path):
     out = str(tmp_path / "aligned")
     with pytest.raises(ValueError, match=r"1000 pairs need 500 genuine and 500 impostor pairs, its 9 images"):
-        prepare_data.main(["--align", raw_folder, "-o", out, "--bin", str(tmp_path / "x.bin"), "--pairs", "1000"])
+        prepare_cli.main(["--align", raw_folder, "-o", out, "--bin", str(tmp_path / "x.bin"), "--pairs", "1000"])
     assert not os.path.exists(out)  # nothing aligned, nothing written
 
 

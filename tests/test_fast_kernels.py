@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import fast_kernels
+from keras_insightface.nn import fast_kernels
 
 
 def _traced(fn, *args, fast):
@@ -153,8 +153,8 @@ def test_a_model_saved_by_the_previous_release_loads_and_gives_the_same_outputs(
     losses.py; BN and PReLU layers with trained-like statistics): loaded now, it gives the outputs saved with it."""
     import os
 
-    import models
-    import optimizers
+    from keras_insightface.models import zoo as models
+    from keras_insightface.nn import optimizers
 
     data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
     saved = np.load(os.path.join(data_dir, "legacy_release_outputs.npz"))

@@ -10,9 +10,10 @@ from PIL import Image
 from skimage.transform import SimilarityTransform, warp
 from sklearn.metrics import roc_curve
 
-import data
-import embedder
-import IJB_evals
+from keras_insightface.cli import ijb as ijb_cli
+from keras_insightface.data import pipeline as data
+from keras_insightface.evaluation import embedder
+from keras_insightface.evaluation import ijb as IJB_evals
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def reference_image_embeddings(root, model, scale=data.SEEDS_SCALE):
 def test_end_to_end_1v1(ijb_case, tmp_path):
     root, model, model_path = ijb_case
     result_dir = str(tmp_path / "IJB_result")
-    results = IJB_evals.main(
+    results = ijb_cli.main(
         ["-m", model_path, "-d", root, "-s", "IJBB", "-b", "8", "-E", "-L", "--result_dir", result_dir]
     )
     ref_embs, ref_embs_f, det_scores = reference_image_embeddings(root, model)
@@ -253,7 +254,7 @@ def test_end_to_end_1v1(ijb_case, tmp_path):
     assert "| tiny_N0D1F1 |" in open(os.path.join(result_dir, "tiny_IJBB_N0D1F1_1v1.md")).read()
 
     # -R: the saved embeddings give the same table without the model; all 8 scenarios with -B
-    bunch = IJB_evals.main(
+    bunch = ijb_cli.main(
         ["-R", os.path.join(result_dir, "tiny_IJBB.npz"), "-d", root, "-B", "--result_dir", result_dir]
     )
     assert len(bunch) == 8 and bunch["tiny_N0D1F1"] == results["tiny_N0D1F1"]
@@ -264,7 +265,7 @@ def test_end_to_end_1v1(ijb_case, tmp_path):
     # --plot_only from the saved scores + the pair label text file
     label_txt = IJB_evals.meta_paths(root, "IJBB")["pair_label"]
     np.save(os.path.join(result_dir, "alone.npy"), expected)
-    plotted = IJB_evals.main(
+    plotted = ijb_cli.main(
         ["--plot_only", os.path.join(result_dir, "alone.npy"), label_txt, "--result_dir", result_dir]
     )
     ref_tars, ref_auc = reference_tar_at_far(meta["label"], expected, IJB_evals.FAR_TARGETS)
@@ -277,20 +278,20 @@ def test_saved_embeddings_reused_unless_forced(ijb_case, tmp_path):
     root, _, model_path = ijb_case
     result_dir = str(tmp_path / "IJB_result")
     args = ["-m", model_path, "-d", root, "--result_dir", result_dir]
-    original = IJB_evals.main(args + ["-E"])["tiny_N0D1F1"]
+    original = ijb_cli.main(args + ["-E"])["tiny_N0D1F1"]
     saved_path = os.path.join(result_dir, "tiny_IJBB.npz")
     with np.load(saved_path) as saved:
         arrays = dict(saved)
     arrays["embs"] = np.random.default_rng(0).normal(size=arrays["embs"].shape).astype(np.float32)
     np.savez(saved_path, **arrays)
-    assert IJB_evals.main(args)["tiny_N0D1F1"] != original  # the tampered embeddings were used
-    assert IJB_evals.main(args + ["-F"])["tiny_N0D1F1"] == original
+    assert ijb_cli.main(args)["tiny_N0D1F1"] != original  # the tampered embeddings were used
+    assert ijb_cli.main(args + ["-F"])["tiny_N0D1F1"] == original
 
 
 def test_end_to_end_1n(ijb_case, tmp_path):
     root, _, model_path = ijb_case
     result_dir = str(tmp_path / "IJB_result")
-    results = IJB_evals.main(
+    results = ijb_cli.main(
         ["-m", model_path, "-d", root, "-N", "-E", "--scenario", "N1D0F1", "--result_dir", result_dir]
     )
     with np.load(os.path.join(result_dir, "tiny_IJBB.npz")) as saved:  # embeddings are checked by the 1:1 test
@@ -331,7 +332,7 @@ def test_missing_images_give_clear_error(tmp_path):
     with pytest.raises(ValueError, match="1 of 4 images listed in the IJB meta files are missing .*1.png"):
         IJB_evals.load_ijb_meta(root, "IJBC")
     with pytest.raises(ValueError, match="missing"):
-        IJB_evals.main(
+        ijb_cli.main(
             ["-m", os.path.join(root, "model.keras"), "-d", root, "-s", "IJBC", "--result_dir", str(tmp_path / "out")]
         )
     with pytest.raises(FileNotFoundError, match="IJB meta file not found"):
@@ -353,4 +354,4 @@ def test_model_types(tmp_path):
     with pytest.raises(ValueError, match="unsupported model file"):
         embedder.load_embedder(str(other))
     with pytest.raises(SystemExit):
-        IJB_evals.parse_arguments(["-d", str(tmp_path)])  # neither model, embeddings nor --plot_only
+        ijb_cli.parse_arguments(["-d", str(tmp_path)])  # neither model, embeddings nor --plot_only

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import free_ports, run_together, write_tagged_rec
 
-import models
+from keras_insightface.models import zoo as models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.slow  # a JAX process that trains

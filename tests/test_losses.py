@@ -22,7 +22,7 @@ from helpers import (
     value_and_gradients,
 )
 
-import losses
+from keras_insightface.nn import losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, BATCH = 7, 10
@@ -544,7 +544,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     import numpy as np, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import losses
+    from keras_insightface.nn import losses
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     batches = json.loads(sys.stdin.read())
     with strategy.scope():

@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-import models
-import utils
-from backbones import resnest
+from keras_insightface import utils
+from keras_insightface.models import zoo as models
+from keras_insightface.models.backbones import resnest
 
 SMALL = (32, 32, 3)
 IMAGES = np.random.default_rng(0).uniform(-1, 1, size=(2, 32, 32, 3)).astype("float32")

@@ -7,14 +7,11 @@ import re
 import keras
 import pytest
 
-import checks
-import config
-import losses
-import recipe
-import stages
-import train
-import utils
-from config import TrainConfig
+from keras_insightface import utils
+from keras_insightface.cli import train as train_cli
+from keras_insightface.nn import losses
+from keras_insightface.training import checks, config, recipe, stages, train
+from keras_insightface.training.config import TrainConfig
 
 
 def test_every_option_has_a_rule():
@@ -117,7 +114,7 @@ def test_a_bad_recipe_value_names_the_file_and_exits_2(tmp_path, capsys, batch_s
     path.write_text(RECIPE.format(batch_size=batch_size, epoch=epoch))
     with pytest.raises(recipe.RecipeError, match=re.escape(str(path)) + ": " + message):
         recipe.load_recipe(str(path))
-    assert utils.run_main(train.main, ["--config", str(path)]) == 2
+    assert utils.run_main(train_cli.main, ["--config", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and re.search(message, lines[0])
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import np_arcface, on_tensorflow, value_and_gradients
 
-import losses
+from keras_insightface.nn import losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES, EMB, BATCH = 40, 6, 8
@@ -294,7 +294,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import losses
+    from keras_insightface.nn import losses
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     labels = tf.constant([[1, 5, 5, 9], [30, 31, 1, 2]], tf.int32)

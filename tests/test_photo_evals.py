@@ -14,10 +14,10 @@ import skimage.data
 from PIL import Image
 from skimage.transform import SimilarityTransform, warp
 
-import data
-import evals
-import face_detector
-import photo_evals
+from keras_insightface.cli import evals as evals_cli
+from keras_insightface.data import pipeline as data
+from keras_insightface.evaluation import photo_evals
+from keras_insightface.faces import detector as face_detector
 
 TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
@@ -280,26 +280,28 @@ def test_cli_folder_and_compare(demo_small, photos, tmp_path, capsys):
     results_dir = str(tmp_path / "results")
     folder = demo_small["train_dir"]
     with pytest.warns(UserWarning, match=r"120 of 120 images checked in .* are not 112x112 face crops \(e\.g\. "):
-        results = evals.main(["-m", model_path, "--folder", folder, "--result_dir", results_dir, "--max_pairs", "300"])
+        results = evals_cli.main(
+            ["-m", model_path, "--folder", folder, "--result_dir", results_dir, "--max_pairs", "300"]
+        )
     assert results["folder"]["verification"]["genuine_pairs"] == 300
     folder_file = os.path.join(results_dir, f"tiny112_{os.path.basename(folder)}_folder.json")
     assert os.path.exists(folder_file)
     threshold = results["folder"]["verification"]["threshold"]
     compare = ["-m", model_path, "--compare", photos["astronaut"], photos["moved"], "--result_dir", results_dir]
-    results = evals.main(compare)
+    results = evals_cli.main(compare)
     assert results["compare"]["threshold"] == pytest.approx(threshold)  # read from the folder evaluation
     out = capsys.readouterr().out
     assert "1:1 verification" in out and "astronaut.png vs moved.jpg" in out
     assert f"threshold {threshold:.4f} (from the folder evaluation {folder_file})" in out
     assert os.path.exists(os.path.join(results_dir, "compare_tiny112_astronaut_moved.png"))
-    evals.main(compare + ["--threshold", "0.5"])  # a second comparison keeps the first picture
+    evals_cli.main(compare + ["--threshold", "0.5"])  # a second comparison keeps the first picture
     assert "threshold 0.5000 (from --threshold)" in capsys.readouterr().out
     assert os.path.exists(os.path.join(results_dir, "compare_tiny112_astronaut_moved_2.png"))
     with pytest.raises(SystemExit):
-        evals.main(["-m", model_path])
+        evals_cli.main(["-m", model_path])
     assert "nothing to evaluate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        evals.main(["-m", model_path, "--compare", photos["astronaut"]])
+        evals_cli.main(["-m", model_path, "--compare", photos["astronaut"]])
 
 
 def test_a_gallery_without_mated_probes_reports_n_a_not_zero():

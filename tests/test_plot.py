@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-import plot
+from keras_insightface.evaluation import plot
 
 EPOCHS = 12
 

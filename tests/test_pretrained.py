@@ -36,11 +36,13 @@ from pretrained_files import (
     write_torch_checkpoint,
 )
 
-import foreign_models
-import models
-import pretrained
-import torch_checkpoint
-from backbones import blocks
+from keras_insightface import utils
+from keras_insightface.cli import evals as evals_cli
+from keras_insightface.cli import pretrained as pretrained_cli
+from keras_insightface.models import foreign as foreign_models
+from keras_insightface.models import torch_checkpoint
+from keras_insightface.models import zoo as models
+from keras_insightface.models.backbones import blocks
 
 SIZE = 32
 
@@ -152,7 +154,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
     assert proof.exists()
     with pytest.raises(ValueError, match=r"evil.pth: refusing to load 'builtins.open'"):
         models.load_model(str(path))
-    assert pretrained.run_main(pretrained.main, [str(path)]) == 2
+    assert utils.run_main(pretrained_cli.main, [str(path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not marker.exists()
 
@@ -336,11 +338,10 @@ def test_symmetric_padding_samples_as_pytorch_and_same_padding_does_not():
 # Used directly wherever a model path is taken
 # ---------------------------------------------------------------------------------------------------------
 def test_evals_cli_evaluates_an_onnx_model_on_a_bin(iresnet_onnx, demo_small):
-    import data
-    import evals
-    import metrics
+    from keras_insightface.data import pipeline as data
+    from keras_insightface.evaluation import metrics
 
-    result = evals.main(["-m", iresnet_onnx, "-t", demo_small["bin_path"]])["demo_eval"]
+    result = evals_cli.main(["-m", iresnet_onnx, "-t", demo_small["bin_path"]])["demo_eval"]
     bins, issame = data.load_bin(demo_small["bin_path"])
     images = np.stack([data.decode_image(image, (SIZE, SIZE), is_path=False).numpy() for image in bins])
     reference = onnxruntime_embeddings(iresnet_onnx, torch_style(images))
@@ -353,12 +354,12 @@ def test_photos_compared_with_an_imported_checkpoint(iresnet_sd, iresnet_pth, tm
     import skimage.data
     from PIL import Image
 
-    import evals
-
     photos = [str(tmp_path / "astronaut.png"), str(tmp_path / "astronaut_mirrored.jpg")]
     Image.fromarray(skimage.data.astronaut()).save(photos[0])
     Image.fromarray(skimage.data.astronaut()[:, ::-1]).save(photos[1], quality=90)
-    result = evals.main(["-m", iresnet_pth, "--compare", *photos, "--result_dir", str(tmp_path / "results")])["compare"]
+    result = evals_cli.main(["-m", iresnet_pth, "--compare", *photos, "--result_dir", str(tmp_path / "results")])[
+        "compare"
+    ]
     crops = np.stack(result["crops"]).astype(np.float32)
     assert crops.shape == (2, SIZE, SIZE, 3)
     embeddings = iresnet_forward(iresnet_sd, torch_style(crops)) + iresnet_forward(
@@ -369,8 +370,8 @@ def test_photos_compared_with_an_imported_checkpoint(iresnet_sd, iresnet_pth, tm
 
 
 def test_fine_tuning_an_imported_checkpoint_trains_and_reloads(iresnet_pth, demo_small, tmp_path):
-    import losses
-    import train
+    from keras_insightface.nn import losses
+    from keras_insightface.training import train
 
     keras.utils.set_random_seed(0)
     save_path = str(tmp_path / "finetuned.keras")
@@ -399,14 +400,14 @@ def test_pretrained_argument_copies_weights_only_into_the_same_network(iresnet_s
 
 
 def resnet_like(symmetric_padding):
-    from backbones import resnet
+    from keras_insightface.models.backbones import resnet
 
     return resnet.iresnet(None, (SIZE, SIZE, 3), False, "iresnet", (1, 2, 1, 1), (8, 8, 16, 16), symmetric_padding)
 
 
 def test_command_line_converts_and_checks_against_onnxruntime(iresnet_onnx, tmp_path, capsys):
     dest = str(tmp_path / "converted.keras")
-    assert pretrained.main([iresnet_onnx, "-o", dest, "--check", "3"]) == 0
+    assert pretrained_cli.main([iresnet_onnx, "-o", dest, "--check", "3"]) == 0
     printed = capsys.readouterr().out
     cosine = float(printed.split("min cosine ")[1].split(",")[0])
     assert cosine >= 0.99999 and "Saved: " + dest in printed
@@ -415,7 +416,7 @@ def test_command_line_converts_and_checks_against_onnxruntime(iresnet_onnx, tmp_
     assert_same_embeddings(saved, onnxruntime_embeddings(iresnet_onnx, torch_style(images)))
     checkpoint_dest = tmp_path / "from_checkpoint.keras"
     assert (
-        pretrained.run_main(pretrained.main, [iresnet_onnx[:-5] + ".pth", "-o", str(checkpoint_dest), "--check", "3"])
+        utils.run_main(pretrained_cli.main, [iresnet_onnx[:-5] + ".pth", "-o", str(checkpoint_dest), "--check", "3"])
         == 2
     )
     assert "needs an .onnx source" in capsys.readouterr().err and not checkpoint_dest.exists()  # refused before work

@@ -18,7 +18,7 @@ from pretrained_files import (
     write_torch_checkpoint,
 )
 
-import models
+from keras_insightface.models import zoo as models
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ import keras
 import numpy as np
 import pytest
 
-import losses
-import recipe
-import train
-import utils
+from keras_insightface import utils
+from keras_insightface.cli import train as train_cli
+from keras_insightface.nn import losses
+from keras_insightface.training import recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.py")))
@@ -30,7 +30,8 @@ def _write(path, text):
 
 
 GOOD = """
-import keras, losses
+import keras
+from keras_insightface.nn import losses
 
 def basic_model(input_shape=(32, 32, 3)):
     inputs = keras.Input(input_shape)
@@ -91,10 +92,10 @@ def test_recipe_mistakes_name_the_file_and_where(tmp_path, body, message):
 
 def test_cli_reports_a_bad_recipe_in_one_line(tmp_path, capsys):
     path = _write(tmp_path / "bad.py", "import losses\nschedule = [losses.NoSuchLoss()]\n")
-    assert utils.run_main(train.main, ["--config", path]) == 2
+    assert utils.run_main(train_cli.main, ["--config", path]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"{path}, line 2: AttributeError" in lines[0]
-    assert utils.run_main(train.main, ["--config", str(tmp_path / "missing.py")]) == 2
+    assert utils.run_main(train_cli.main, ["--config", str(tmp_path / "missing.py")]) == 2
     assert "recipe not found" in capsys.readouterr().err
 
 
@@ -104,7 +105,7 @@ def test_every_shipped_recipe_runs_a_smoke_test(path, tmp_path, monkeypatch):
     """``--smoke``: each stage trains one epoch on demo data; the sub-center recipe then cleans the data and trains on."""
     monkeypatch.chdir(tmp_path)
     try:
-        train.main(["--config", path, "--smoke"])
+        train_cli.main(["--config", path, "--smoke"])
     finally:
         keras.mixed_precision.set_global_policy("float32")
     stem = os.path.basename(path)[:-3]

@@ -19,12 +19,10 @@ from helpers import (
     write_tagged_rec,
 )
 
-import data
-import prepare_data
-import recordio
-import shards
-import tfrecord
-import utils
+from keras_insightface import utils
+from keras_insightface.cli import prepare as prepare_cli
+from keras_insightface.data import pipeline as data
+from keras_insightface.data import recordio, shards, tfrecord
 
 CLASS_SIZES = [3, 2, 4, 3, 4]  # 16 images, tags 0..15 in key order
 LABELS = np.repeat(np.arange(5), CLASS_SIZES)
@@ -230,7 +228,7 @@ def test_truncated_rec_and_idx_past_the_end_are_clear_errors(rec_dir, tmp_path):
         ff.truncate(offsets[10] + 20)  # records 11.. are gone
     with pytest.raises(recordio.RecordIOError, match=rf"record 11 at offset {offsets[11]} points past the end"):
         recordio.load_index(rec_dir, cache_dir=str(tmp_path / "c"))
-    assert utils.run_main(prepare_data.main, ["--to-shards", rec_dir, "-o", str(tmp_path / "s")]) == 2
+    assert utils.run_main(prepare_cli.main, ["--to-shards", rec_dir, "-o", str(tmp_path / "s")]) == 2
     assert not os.path.exists(tmp_path / "s")
 
 
@@ -241,14 +239,14 @@ def test_missing_idx_error_says_how_to_rebuild_it(rec_dir, tmp_path, capsys):
     os.remove(idx_path)
     with pytest.raises(FileNotFoundError, match=r"train\.idx not found.*--rebuild_idx"):
         data.prepare_dataset(rec_dir, batch_size=4, cache_dir=str(tmp_path / "c"), **OPTIONS)
-    assert prepare_data.main(["--rebuild_idx", rec_dir]) == 0
+    assert prepare_cli.main(["--rebuild_idx", rec_dir]) == 0
     with open(idx_path) as ff:
         assert ff.read() == original  # one line per record, the split record once
     rec_path = os.path.join(rec_dir, "train.rec")
     with open(rec_path, "r+b") as ff:
         ff.truncate(os.path.getsize(rec_path) - 4)
     other = str(tmp_path / "other.idx")
-    assert utils.run_main(prepare_data.main, ["--rebuild_idx", rec_path, "-o", other]) == 2
+    assert utils.run_main(prepare_cli.main, ["--rebuild_idx", rec_path, "-o", other]) == 2
     assert "truncated file" in capsys.readouterr().err and not os.path.exists(other)
 
 
@@ -338,7 +336,7 @@ def test_shards_of_a_class_folder(tmp_path, capsys, monkeypatch):
         os.makedirs(folder / str(label), exist_ok=True)
         (folder / str(label) / f"{tag:02d}.png").write_bytes(tagged_image(tag))
     command = ["--to-shards", str(folder), "-o", str(tmp_path / "sh"), "--shards", "2", "--cache_dir", str(tmp_path)]
-    assert prepare_data.main(command) == 0
+    assert prepare_cli.main(command) == 0
     progress = capsys.readouterr().err.splitlines()[-1]
     assert "16/16" in progress and "img/s" in progress and "MB/s" in progress  # the bar: images/s and MB/s
     index, contents = _shard_contents(str(tmp_path / "sh"))
@@ -463,9 +461,9 @@ def test_train_epochs_from_a_rec_or_shards_and_name_a_corrupt_record(tmp_path, s
     import keras
     from helpers import tiny_basic_model
 
-    import losses
-    import myCallbacks
-    import train
+    from keras_insightface.nn import losses
+    from keras_insightface.training import callbacks as myCallbacks
+    from keras_insightface.training import train
 
     paths = {}
     for name, overrides in (("clean", None), ("corrupt", {6: b"garbage"})):

@@ -14,10 +14,9 @@ import keras
 import numpy as np
 import pytest
 
-import myCallbacks
-import run_lock
-import run_state
-from run_files import RunFiles
+from keras_insightface.training import callbacks as myCallbacks
+from keras_insightface.training import run_lock, run_state
+from keras_insightface.training.run_files import RunFiles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]), TF_CPP_MIN_LOG_LEVEL="2")
@@ -200,7 +199,8 @@ def test_a_killed_runs_temporary_files_are_removed_and_other_runs_files_kept(tmp
 
 def _hold_lock_in_another_process(lock_path):
     code = textwrap.dedent(f"""
-        import sys, time, run_lock
+        import sys, time
+        from keras_insightface.training import run_lock
         lock = run_lock.RunLock({lock_path!r}).acquire()
         print("held", flush=True)
         time.sleep(60)
@@ -213,7 +213,7 @@ def _hold_lock_in_another_process(lock_path):
 def test_a_second_run_on_the_same_save_path_stops_at_construction(demo_small, tmp_path):
     from helpers import tiny_basic_model
 
-    import train
+    from keras_insightface.training import train
 
     save_path = str(tmp_path / "busy.keras")
     holder = _hold_lock_in_another_process(save_path + ".lock")

@@ -15,10 +15,9 @@ import pytest
 import tensorflow as tf
 from helpers import tiny_basic_model
 
-import data
-import losses
-import runner
-import stages
+from keras_insightface.data import pipeline as data
+from keras_insightface.nn import losses
+from keras_insightface.training import runner, stages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

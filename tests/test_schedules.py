@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import data
-import myCallbacks
-import train
+from keras_insightface.data import pipeline as data
+from keras_insightface.training import callbacks as myCallbacks
+from keras_insightface.training import train
 
 
 def _epoch_rates(scheduler, epochs):

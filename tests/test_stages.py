@@ -7,12 +7,9 @@ import pytest
 import tensorflow as tf
 from helpers import tiny_basic_model
 
-import data
-import losses
-import optimizers
-import outputs
-import runner
-import stages
+from keras_insightface.data import pipeline as data
+from keras_insightface.nn import losses, optimizers
+from keras_insightface.training import outputs, runner, stages
 
 
 def builder(**kwargs):

@@ -16,10 +16,10 @@ import tensorflow as tf
 from helpers import tiny_basic_model
 from PIL import Image
 
-import data
-import losses
-import myCallbacks
-import train
+from keras_insightface.data import pipeline as data
+from keras_insightface.nn import losses
+from keras_insightface.training import callbacks as myCallbacks
+from keras_insightface.training import train
 
 pytestmark = pytest.mark.slow  # trains models or starts processes
 

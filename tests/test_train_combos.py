@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from helpers import tiny_basic_model
 
-import data
-import losses
-import train
+from keras_insightface.data import pipeline as data
+from keras_insightface.nn import losses
+from keras_insightface.training import train
 
 pytestmark = pytest.mark.slow  # trains models or starts processes
 

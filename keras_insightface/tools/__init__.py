@@ -1,0 +1,1 @@
+"""Tools over data and models: dataset preparation, sub-center cleaning, distillation data, export, pretrained import."""
