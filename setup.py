@@ -40,7 +40,7 @@ setup(
         "google-crc32c",  # the checksums of TFRecord shards, in C
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff", "tf2onnx", "onnxruntime", "jax[cpu]", "wheel"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "ruff", "tf2onnx", "onnxruntime", "jax[cpu]", "wheel"],
         "onnx": ["onnxruntime", "tf2onnx"],
         "cv": ["opencv-python-headless"],
         "bench": ["tf-keras"],  # bench/keras2_reference.py: legacy Keras 2, the library users run today

@@ -7,6 +7,7 @@ import struct
 import subprocess
 
 import keras
+import matplotlib.image
 import numpy as np
 
 
@@ -224,13 +225,17 @@ def write_tagged_rec(folder, class_sizes, identity_header=True, overrides=None):
 
 # ---------------------------------------------------------------------------------------------- distributed jobs
 def free_ports(count):
-    """``count`` free TCP ports on the loopback interface."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
+    """``count`` free TCP ports on the loopback interface. Under pytest-xdist each test process takes only ports
+    of its own residue class (port % processes == its index), so two processes never pick the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index, processes = int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    ports = []
+    while len(ports) < count:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port % processes == index and port not in ports:
+            ports.append(port)
     return ports
 
 
@@ -251,3 +256,23 @@ def run_together(commands, env, timeout):
         for proc in procs:
             proc.kill()
     return outputs
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def read_png(path):
+    """RGB float array of a PNG file."""
+    return matplotlib.image.imread(path)[..., :3]
+
+
+def assert_drawn_png(path, min_kb=20):
+    """The PNG exists, has a sensible size and holds many colours (curves, text), not a blank canvas."""
+    assert os.path.getsize(path) > min_kb * 1024
+    image = read_png(path)
+    height, width = image.shape[:2]
+    assert 600 < height < 4000 and 800 < width < 6000
+    rgb = (image * 255).round().astype(np.int64).reshape(-1, 3)
+    colours = np.unique(rgb[:, 0] * 65536 + rgb[:, 1] * 256 + rgb[:, 2])
+    assert len(colours) > 50
+    non_white = np.any(image < 0.95, axis=-1).mean()
+    assert 0.01 < non_white < 0.6
+    return image

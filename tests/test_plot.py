@@ -10,6 +10,7 @@ import matplotlib.image
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from helpers import assert_drawn_png
 
 from keras_insightface.evaluation import plot
 
@@ -51,25 +52,6 @@ def hist_file(tmp_path):
     path = tmp_path / "run_a_hist.json"
     path.write_text(json.dumps(synthetic_history()))
     return str(path)
-
-
-def read_png(path):
-    """RGB float array of a PNG file."""
-    return matplotlib.image.imread(path)[..., :3]
-
-
-def assert_drawn_png(path, min_kb=20):
-    """The PNG exists, has a sensible size and holds many colours (curves, text), not a blank canvas."""
-    assert os.path.getsize(path) > min_kb * 1024
-    image = read_png(path)
-    height, width = image.shape[:2]
-    assert 600 < height < 4000 and 800 < width < 6000
-    rgb = (image * 255).round().astype(np.int64).reshape(-1, 3)
-    colours = np.unique(rgb[:, 0] * 65536 + rgb[:, 1] * 256 + rgb[:, 2])
-    assert len(colours) > 50
-    non_white = np.any(image < 0.95, axis=-1).mean()
-    assert 0.01 < non_white < 0.6
-    return image
 
 
 def count_colour_pixels(image, hex_colour, tolerance=0.08):
@@ -158,17 +140,6 @@ def test_svg_output(hist_file, tmp_path):
     assert text.lstrip().startswith("<?xml") and "<svg" in text
     assert text.count("<path") > 20  # curves, markers and glyphs are drawn
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp.svg")]  # atomic: no temp left
-
-
-def test_demo_run_history_to_png(tmp_path):
-    """The acceptance check: the demo training run's history renders to a non-blank PNG."""
-    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
-    path = os.path.join(demo, "demo_mobilefacenet_hist.json")
-    if not os.path.exists(path):
-        pytest.skip("no demo run history in checkpoints/")
-    save = str(tmp_path / "demo.png")
-    plot.hist_plot_split(path, save=save)
-    assert_drawn_png(save)
 
 
 def test_choose_accuracy_picks_best_epoch(tmp_path, capsys):

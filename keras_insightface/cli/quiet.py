@@ -18,8 +18,8 @@ import tempfile
 
 _STARTUP_LINE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\)"  # absl, once per library that logs early
-    r"|[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "  # absl info and warning lines
-    r"|E\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit"  # no GPU on this machine
+    r"|[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "  # absl info and warning lines
+    r"|E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit"  # no GPU on this machine
     r"|To enable the following instructions: .* rebuild TensorFlow)"  # the CPU feature line's second half
 )
 
