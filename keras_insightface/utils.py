@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -78,6 +79,41 @@ def load_json(path, default=None):
         return default
     with open(path) as ff:
         return json.load(ff)
+
+
+@contextlib.contextmanager
+def filtered_stderr(drop):
+    """Run the block with the process's standard error (file descriptor 2, where C libraries write too) passing
+    through a filter that drops the lines the regular expression ``drop`` matches and passes everything else on as
+    it comes (progress bars included): for the messages of native libraries that no setting silences."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    forwarder = threading.Thread(target=_forward_lines, args=(read_end, saved, drop), daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes: the forwarder reads to its end
+        forwarder.join()
+        os.close(saved)
+
+
+def _forward_lines(read_end, out, drop):
+    """Copy the pipe ``read_end`` to the descriptor ``out`` piece by piece (a piece ends at \n or \r), less the
+    pieces ``drop`` matches."""
+    pending = b""
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(1 << 16):
+            *complete, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+            for piece in complete:
+                if not drop.match(piece.decode(errors="replace")):
+                    os.write(out, piece)
+    if pending and not drop.match(pending.decode(errors="replace")):
+        os.write(out, pending)
 
 
 # Errors that mean "the input is wrong" (missing / corrupt / truncated file, bad argument value, optional package

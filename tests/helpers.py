@@ -225,16 +225,21 @@ def write_tagged_rec(folder, class_sizes, identity_header=True, overrides=None):
 
 # ---------------------------------------------------------------------------------------------- distributed jobs
 def free_ports(count):
-    """``count`` free TCP ports on the loopback interface. Under pytest-xdist each test process takes only ports
-    of its own residue class (port % processes == its index), so two processes never pick the same port."""
+    """``count`` free TCP ports on the loopback interface, below the ephemeral range: the ports the system gives
+    outgoing connections (of any process) are taken from that range, so a port below it that is free now stays free
+    for the job to bind. Under pytest-xdist each test process takes only ports of its own residue class
+    (port % processes == its index), so two processes never pick the same port."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index, processes = int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    ports = []
+    ports, rng = [], np.random.default_rng()
     while len(ports) < count:
+        port = int(rng.integers(20000, 32000)) // processes * processes + index
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port % processes == index and port not in ports:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
             ports.append(port)
     return ports
 

@@ -32,7 +32,19 @@ def test_loss_and_head_tests_pass_on_jax_without_tensorflow(tmp_path):
         PYTHONPATH=os.pathsep.join([_without_tensorflow(tmp_path), REPO]),
         JAX_PLATFORMS="cpu",
     )
-    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *JAX_TEST_FILES, "-m", "not slow"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "0",
+        "-p",
+        "no:cacheprovider",
+        *JAX_TEST_FILES,
+        "-m",
+        "not slow",
+    ]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     summary = output.strip().splitlines()[-1] if output.strip() else ""

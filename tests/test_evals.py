@@ -381,6 +381,21 @@ def test_cli_prints_metrics_table(bin_case, model, tmp_path, capsys):
         evals_cli.main(["-m", str(tmp_path / "none.keras"), "-t", path])
 
 
+def test_a_training_checkpoint_is_evaluated_through_its_embedding_model(bin_case, tmp_path, capsys):
+    from keras_insightface.nn.heads import NormDense
+
+    path, decoded, issame = bin_case
+    basic = tiny_model()
+    embedding = keras.layers.Identity(name="embedding")(basic.output)
+    full = keras.Model(basic.inputs, {"arcface": NormDense(5, name="arcface")(embedding)})  # what a run saves
+    checkpoint = str(tmp_path / "run.keras")
+    full.save(checkpoint)
+    results = evals_cli.main(["-m", checkpoint, "-t", path, "--no-flip"])
+    expected = evals.verification_metrics(reference_embeddings(basic, decoded, data.SEEDS_SCALE, flip=False), issame)
+    assert results["tinyset"]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert f">>>> {checkpoint} is a training model: using its embedding model" in capsys.readouterr().out
+
+
 def test_cli_errors_are_one_line_with_status_2(bin_case, model, tmp_path, capsys):
     path, _, _ = bin_case
     bins, issame = data.load_bin(path)

@@ -200,19 +200,27 @@ def test_missing_representative_data_fails_before_any_work(model, tmp_path, monk
     assert_no_leftovers(tmp_path)
 
 
-def test_an_unwritable_destination_fails_before_any_work(model, tmp_path, monkeypatch, capsys):
+def test_an_unwritable_or_wrong_kind_of_destination_fails_before_any_work(model, tmp_path, monkeypatch, capsys):
     def no_work(*args, **kwargs):
         raise AssertionError("conversion work started before the destination was checked")
 
     model_path = str(tmp_path / "basic.keras")
     model.save(model_path)
-    monkeypatch.setattr(export.models, "load_model", no_work)
+    monkeypatch.setattr(export.models, "load_basic_model", no_work)
     monkeypatch.setattr(export, "build_deploy_model", no_work)
     (tmp_path / "a_file").write_text("x")
     dest = str(tmp_path / "a_file" / "x.tflite")  # its folder would be a file: even root cannot write there
-    assert utils.run_main(export_cli.main, ["-m", model_path, "-o", dest]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and f"cannot write {dest}: " in lines[0]
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for argv, message in [
+        (["-m", model_path, "-o", dest], f"cannot write {dest}: "),
+        (["-m", model_path, "-o", str(folder)], f"{folder} is a folder: the output of tflite is a file (e.g. "),
+        (["-m", model_path, "-f", "saved_model", "-o", model_path], f"{model_path} is a file: the output of"),
+    ]:
+        assert utils.run_main(export_cli.main, argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+    assert os.listdir(folder) == []
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import dataclasses
 import re
 
 import keras
+import numpy as np
 import pytest
 
 from keras_insightface import utils
@@ -36,7 +37,7 @@ def test_every_option_has_a_rule():
         ({"mixed_precision": "float16"}, "mixed_precision='float16': must be one of None, 'mixed_float16'"),
         ({"lr_decay_steps": [10, "20"]}, r"lr_decay_steps=\[10, '20'\]: expected a number, got list"),
         ({"gradient_clip_norm": 0.0}, "gradient_clip_norm=0.0: must be > 0"),
-        ({"resume": "no"}, "resume='no': expected True or False, got str"),
+        ({"resume": "no"}, "resume='no': must be one of True, False, 'checkpoint'"),
         ({"verbose": 3}, "verbose=3: must be <= 2"),
         ({"cache_dir": 5}, "cache_dir=5: expected a path, got int"),
     ],
@@ -93,25 +94,40 @@ def test_train_refuses_a_bad_stage_before_training_any_stage(demo_small, tmp_pat
     assert tt.history.completed_epochs == 0 and tt.model is None
 
 
+def test_loss_and_optimizer_names_are_resolved_before_any_work(demo_small, tmp_path, capsys):
+    from helpers import tiny_basic_model
+
+    tt = train.Train(demo_small["train_dir"], str(tmp_path / "x.keras"), basic_model=tiny_basic_model(), batch_size=8)
+    with pytest.raises(ValueError, match=r"^schedule\[0\]: unknown loss 'ArcfaceLos'; did you mean 'ArcfaceLoss'"):
+        tt.train([{"loss": "ArcfaceLos", "epoch": 1}], 0)
+    late_typo = [{"loss": "ArcfaceLoss", "epoch": 1}, {"loss": "CosFaceLoss", "optimizer": "adamm", "epoch": 1}]
+    with pytest.raises(ValueError, match=r"^schedule\[1\]: unknown optimizer 'adamm'; did you mean 'adam'"):
+        tt.train(late_typo, 0)
+    assert tt.model is None and "Epoch" not in capsys.readouterr().out  # refused before the first stage
+    history = tt.train([{"loss": "ArcfaceLoss", "optimizer": "sgd", "epoch": 1}], 0)  # a valid name trains
+    assert "arcface_loss" in history and np.isfinite(history["loss"]).all()  # the cosine head of a margin loss
+
+
 RECIPE = """
 import keras
 basic_model = lambda: None
 train_kwargs = dict(data_path="d", save_path="s.keras", batch_size={batch_size})
-schedule = [{{"loss": "ArcfaceLoss", "epoch": {epoch}}}]
+schedule = [{{"loss": "ArcfaceLoss", "epoch": {epoch}, "optimizer": {optimizer}}}]
 """
 
 
 @pytest.mark.parametrize(
-    "batch_size, epoch, message",
+    "batch_size, epoch, optimizer, message",
     [
-        ('"8"', 1, r"train_kwargs: Train option batch_size='8': expected an int, got str"),
-        ("-4", 1, r"train_kwargs: Train option batch_size=-4: must be >= 1"),
-        ("8", '"1"', r"schedule\[0\]: scheduler key epoch='1': expected an int, got str"),
+        ('"8"', 1, None, r"train_kwargs: Train option batch_size='8': expected an int, got str"),
+        ("-4", 1, None, r"train_kwargs: Train option batch_size=-4: must be >= 1"),
+        ("8", '"1"', None, r"schedule\[0\]: scheduler key epoch='1': expected an int, got str"),
+        ("8", 1, '"adamm"', r"schedule\[0\]: unknown optimizer 'adamm'; did you mean 'adam'"),
     ],
 )
-def test_a_bad_recipe_value_names_the_file_and_exits_2(tmp_path, capsys, batch_size, epoch, message):
+def test_a_bad_recipe_value_names_the_file_and_exits_2(tmp_path, capsys, batch_size, epoch, optimizer, message):
     path = tmp_path / "bad_values.py"
-    path.write_text(RECIPE.format(batch_size=batch_size, epoch=epoch))
+    path.write_text(RECIPE.format(batch_size=batch_size, epoch=epoch, optimizer=optimizer))
     with pytest.raises(recipe.RecipeError, match=re.escape(str(path)) + ": " + message):
         recipe.load_recipe(str(path))
     assert utils.run_main(train_cli.main, ["--config", str(path)]) == 2

@@ -123,7 +123,10 @@ def test_the_installed_wheel_works_beside_a_users_look_alike_files(wheel, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     where, count = done.stdout.split()
     assert where.startswith(str(venv)) and int(count) == len(keras_insightface.__all__)
-    for run in ([command, "train", "--demo", "--smoke"], [python, "-m", "keras_insightface", "train", "--demo", "--smoke"]):
+    for run in (
+        [command, "train", "--demo", "--smoke"],
+        [python, "-m", "keras_insightface", "train", "--demo", "--smoke"],
+    ):
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         done = subprocess.run(run, cwd=folder, capture_output=True, text=True, env=_without_tf_log_level())
         assert done.returncode == 0, done.stderr[-3000:]
@@ -240,6 +243,17 @@ def test_only_tensorflow_startup_lines_are_dropped(monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # the user's own choice is left alone
     before = list(sys.meta_path)
     assert quiet.quiet_tensorflow_startup() is False and sys.meta_path == before
+
+
+def test_filtered_stderr_drops_only_the_lines_it_is_told_to(capfd):
+    from keras_insightface import utils
+
+    with utils.filtered_stderr(re.compile("noise")):
+        os.write(2, b"noise 1\nkept 1\n\r 50%|bar\r100%|bar\nnoise 2\n")  # what a C library writes, and tqdm
+        os.write(2, b"tail without a newline")
+    assert capfd.readouterr().err == "kept 1\n\r 50%|bar\r100%|bar\ntail without a newline"
+    os.write(2, b"noise after the block\n")
+    assert capfd.readouterr().err == "noise after the block\n"
 
 
 BAD_NUMBERS = [  # (subcommand arguments, the flag named in the one-line error)

@@ -6,6 +6,8 @@ written from their definitions, not with the library's own metric code.
 
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -183,8 +185,9 @@ def test_folder_evaluation_refuses_unusable_folders(tmp_path):
         for index in range(2):
             Image.new("RGB", (32, 32), (index * 90, 20, 30)).save(tmp_path / "bad" / name / f"{index}.jpg")
     (tmp_path / "bad" / "b" / "2.jpg").write_text("not an image")
-    with pytest.raises(ValueError, match="2.jpg"):
+    with pytest.raises(ValueError) as raised:
         photo_evals.evaluate_folder(tiny_model(32), str(tmp_path / "bad"), result_dir=str(tmp_path))
+    assert str(raised.value) == f"cannot decode {tmp_path / 'bad' / 'b' / '2.jpg'} (1 in all): remove or re-align them"
     with pytest.raises(ValueError, match="every identity has only its gallery"):
         photo_evals.folder_metrics(np.eye(4), [0, 0, 1, 1], gallery_per_identity=2)
 
@@ -286,12 +289,15 @@ def test_cli_folder_and_compare(demo_small, photos, tmp_path, capsys):
     assert results["folder"]["verification"]["genuine_pairs"] == 300
     folder_file = os.path.join(results_dir, f"tiny112_{os.path.basename(folder)}_folder.json")
     assert os.path.exists(folder_file)
+    out = capsys.readouterr().out
+    assert "1:1 verification" in out  # where the results went, as an absolute path:
+    assert f">>>> Saved in {os.path.abspath(results_dir)}: tiny112_{os.path.basename(folder)}_folder.json, " in out
     threshold = results["folder"]["verification"]["threshold"]
     compare = ["-m", model_path, "--compare", photos["astronaut"], photos["moved"], "--result_dir", results_dir]
     results = evals_cli.main(compare)
     assert results["compare"]["threshold"] == pytest.approx(threshold)  # read from the folder evaluation
     out = capsys.readouterr().out
-    assert "1:1 verification" in out and "astronaut.png vs moved.jpg" in out
+    assert "astronaut.png vs moved.jpg" in out
     assert f"threshold {threshold:.4f} (from the folder evaluation {folder_file})" in out
     assert os.path.exists(os.path.join(results_dir, "compare_tiny112_astronaut_moved.png"))
     evals_cli.main(compare + ["--threshold", "0.5"])  # a second comparison keeps the first picture
@@ -302,6 +308,27 @@ def test_cli_folder_and_compare(demo_small, photos, tmp_path, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evals_cli.main(["-m", model_path, "--compare", photos["astronaut"]])
+
+
+@pytest.mark.slow
+def test_bad_images_of_a_folder_are_named_in_one_line_without_tensorflows_log(tmp_path):
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / "faces" / name)
+        for index in range(2):
+            Image.new("RGB", (32, 32), (index * 90, 20, 30)).save(tmp_path / "faces" / name / f"{index}.jpg")
+    good = (tmp_path / "faces" / "a" / "0.jpg").read_bytes()
+    (tmp_path / "faces" / "a" / "1.jpg").write_bytes(good[: len(good) // 2])  # a truncated JPEG
+    tiny_model(32).save(tmp_path / "tiny.keras")
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "keras_insightface", "evals", "-m", str(tmp_path / "tiny.keras")]
+    done = subprocess.run(
+        command + ["--folder", str(tmp_path / "faces")], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    bad = tmp_path / "faces" / "a" / "1.jpg"
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"keras-insightface evals: error: cannot decode {bad} (1 in all): remove or re-align them"
+    ]
 
 
 def test_a_gallery_without_mated_probes_reports_n_a_not_zero():

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
@@ -140,22 +141,23 @@ def _resume_in_process(demo_small, folder):
     return trainer, history, left
 
 
-@pytest.mark.slow  # 7 processes of a tiny 2-epoch run, two at a time
+@pytest.mark.slow  # 8 processes of a tiny 2-epoch run, two at a time
 def test_a_sigkill_at_every_write_of_an_epoch_end_resumes_each_epoch_once(demo_small, tmp_path):
-    """Each write of the second epoch end (centers: the old file moved aside, the new one written; checkpoint; best
-    basic model; history; plot, in this order) is interrupted by a SIGKILL just before its rename, when its temporary
+    """Each write of the second epoch end (centers: the old file moved aside, the new one written; the previous
+    checkpoint kept; checkpoint; best basic model; history; plot, in this order) is interrupted by a SIGKILL just before its rename, when its temporary
     file is complete (a kill just after a rename leaves the files a kill before the next one does, less that
     temporary file); the resumed run then has 2 x 7 optimizer steps, two history entries per key and no temporary
     file. The kill before the history's rename is the classic case: a checkpoint of epoch 2, a history of epoch 1."""
-    points = range(1, 8)
+    points = range(1, 9)
     with ThreadPoolExecutor(2) as pool:
         runs = list(pool.map(lambda number: _kill_run(demo_small, tmp_path / str(number), number, "before"), points))
     completed = [replaced for done, replaced in runs if done]
-    assert completed, "every run was killed: more than 6 writes at an epoch end?"
+    assert completed, "every run was killed: more than 7 writes at an epoch end?"
     writes = completed[0]
     assert writes == [
         "run_centers_previous.npy",
         "run_centers.npy",
+        "run_previous.keras",
         "run.keras",
         "run_basic",
         "run_hist.json",
@@ -172,7 +174,8 @@ def test_a_sigkill_at_every_write_of_an_epoch_end_resumes_each_epoch_once(demo_s
         assert len(history["loss"]) == len(history["lr"]) == len(history["arcface_loss"]) == 2, (point, history)
         assert all(len(values) <= 2 for values in history.values()), (point, history)  # the evaluation may be missed
         assert np.isfinite(history["loss"]).all() and history["loss"] == json.load(open(trainer.hist_path))["loss"]
-        assert len(leftovers) == (number > 1), (point, leftovers)  # the complete temporary file of the write
+        # the complete temporary file of the write (before the previous checkpoint's: the new checkpoint's too)
+        assert len(leftovers) == {1: 0, 3: 2}.get(number, 1), (point, leftovers)
         assert not [name for name in os.listdir(folder) if ".tmp" in name], point
         del trainer
 
@@ -241,3 +244,104 @@ def test_the_lock_is_released_with_its_run_and_refuses_other_hosts(tmp_path, mon
         json.dump({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00"}, ff)
     with pytest.raises(run_lock.RunLockedError, match="on elsewhere.*if that run is gone, delete .*x.keras.lock"):
         run_lock.RunLock(path).acquire()
+
+
+def test_a_lock_file_of_garbage_is_named_as_such_and_says_how_to_clear_it(tmp_path):
+    path = str(tmp_path / "x.keras.lock")
+    with open(path, "w") as ff:
+        ff.write("garbage")
+    with pytest.raises(
+        run_lock.RunLockedError, match=rf"holds 7 bytes that are not a lock record, written \d+ s ago.*delete {path}"
+    ):
+        run_lock.RunLock(path).acquire()  # too young to be taken over: another run may be writing it
+    old = time.time() - 2 * run_lock.UNWRITTEN_GRACE_S
+    os.utime(path, (old, old))
+    with pytest.warns(RuntimeWarning, match="taking over the lock .*: it holds 7 bytes that are not a lock record"):
+        lock = run_lock.RunLock(path).acquire()
+    lock.release()
+    assert not os.path.exists(path)
+
+
+# ------------------------------------------------------------------------------------------ damaged or wrong input
+def _tiny_run(demo_small, path, epochs=0, emb=32, **options):
+    """A Train of the tiny model on the demo folder; trains ``epochs`` epochs when > 0."""
+    from helpers import tiny_basic_model
+
+    from keras_insightface.nn import losses
+    from keras_insightface.training import train
+
+    basic_model = tiny_basic_model(emb=emb)
+    trainer = train.Train(demo_small["train_dir"], path, basic_model=basic_model, batch_size=16, verbose=0, **options)
+    if epochs:
+        trainer.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": "sgd", "epoch": epochs}], 0)
+    return trainer
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_or_history_stops_in_one_line_and_is_left_as_it_is(demo_small, tmp_path, capsys):
+    from keras_insightface.training import run_files
+
+    path, previous = str(tmp_path / "run.keras"), str(tmp_path / "run_previous.keras")
+    del _tiny_run(demo_small, path, epochs=2, plot_history=False).model
+    assert run_state.read_run_state(path)["epochs"] == 2 and run_state.read_run_state(previous)["epochs"] == 1
+    with open(path, "r+b") as ff:
+        ff.truncate(os.path.getsize(path) // 2)
+    damaged = open(path, "rb").read()
+    with pytest.raises(run_files.DamagedRunFileError) as raised:
+        _tiny_run(demo_small, path)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"{path} is damaged: not a whole .keras zip archive")
+    assert f"to go on from {previous} (epoch 1), move it aside (mv {path} {path}.damaged)" in message
+    assert open(path, "rb").read() == damaged  # never overwritten or deleted
+    os.rename(path, path + ".damaged")
+    resumed = _tiny_run(demo_small, path)
+    assert (
+        resumed.history.completed_epochs == 1
+        and f"{path} is missing: going on from {previous}" in capsys.readouterr().out
+    )
+    del resumed
+    hist_path = str(tmp_path / "run_hist.json")
+    with open(hist_path, "w") as ff:
+        ff.write('{"loss": [1.0,\n')
+    with pytest.raises(
+        ValueError, match=rf"^{hist_path} is damaged: not a JSON history \(.*\); it is left as it is: move it aside"
+    ):
+        _tiny_run(demo_small, path)
+    assert open(hist_path).read() == '{"loss": [1.0,\n'
+
+
+@pytest.mark.slow
+def test_resuming_with_another_basic_model_is_refused_unless_the_checkpoints_is_kept(demo_small, tmp_path, capsys):
+    path = str(tmp_path / "run.keras")
+    del _tiny_run(demo_small, path, epochs=1, plot_history=False).model
+    expected = (
+        rf"{path} holds a basic model of input 32x32x3, embedding 32, [\d,]+ parameters; basic_model 'tiny' has "
+        r"input 32x32x3, embedding 64, [\d,]+ parameters: pass resume=False to start over"
+    )
+    with pytest.raises(ValueError, match=expected):
+        _tiny_run(demo_small, path, emb=64)
+    kept = _tiny_run(demo_small, path, emb=64, resume="checkpoint")
+    assert kept.basic_model.output_shape[-1] == 32 and "going on with the checkpoint's" in capsys.readouterr().out
+    del kept
+    same = _tiny_run(demo_small, path, emb=32)  # the same network (new weights): resumed with the checkpoint's
+    assert same.history.completed_epochs == 1
+
+
+def test_paths_are_checked_before_any_work(demo_small, tmp_path):
+    from helpers import tiny_basic_model
+
+    from keras_insightface.training import train
+
+    save = str(tmp_path / "run.keras")
+    bin_path = demo_small["bin_path"]
+    with pytest.raises(ValueError, match=rf"^{bin_path} is a verification \.bin file, not training data"):
+        train.Train(bin_path, save)  # before "give basic_model": nothing else was looked at
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    with pytest.raises(ValueError, match=rf"^{text} is a file, not training data"):
+        train.Train(str(text), save)
+    with pytest.raises(OSError, match=r"^cannot write /proc/x\.keras: .*\(/proc\)$"):
+        train.Train(demo_small["train_dir"], "/proc/x.keras", basic_model=tiny_basic_model())
+    assert not os.path.exists(save + ".lock")
+    one_bin = train.Train(demo_small["train_dir"], save, bin_path, basic_model=tiny_basic_model(), verbose=0)
+    assert one_bin.eval_paths == [bin_path] and len(one_bin.evaluators) == 1  # one path, not its characters

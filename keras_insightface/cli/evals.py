@@ -141,5 +141,5 @@ def main(argv=None, prog=None):
             model, args.compare, threshold, None, args.keep, args.flip, scale, picture, threshold_source=source
         )
         print(photo_evals.format_comparison(results["compare"]))
-        print(">>>> Saved:", picture)
+        print(">>>> Saved:", os.path.abspath(picture))
     return results["bins"] if list(results) == ["bins"] else results  # -t alone keeps its earlier result shape

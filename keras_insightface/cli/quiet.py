@@ -1,20 +1,22 @@
-"""Keep TensorFlow's C++ start-up lines off the console of the command line tools.
+"""Keep TensorFlow's C++ log lines off the console of the command line tools.
 
 TensorFlow's libraries log through absl before its log level is read, so ``TF_CPP_MIN_LOG_LEVEL`` does not silence
 them: "All log messages before absl::InitializeLog() ...", oneDNN and CUDA notices, the CPU feature line and, on a
 machine without a GPU, a failed ``cuInit``. ``quiet_tensorflow_startup`` arranges that the first ``import tensorflow``
-(whoever does it, and only if anyone does) and its first device query run with the process's stderr sent to a
-temporary file; what they print is then replayed, less those start-up lines. Nothing changes when the user set
-``TF_CPP_MIN_LOG_LEVEL`` themselves: they chose what to see.
+(whoever does it, and only if anyone does) and its first device query run with the process's stderr passing
+through a filter that drops those start-up lines. Later, TensorFlow logs nothing
+(``TF_CPP_MIN_LOG_LEVEL=3``): its errors reach the user as exceptions, which the commands report in one line (its
+log would add, say, one "Premature end of JPEG data" line per bad image of a folder already named in that line).
+Nothing changes when the user set ``TF_CPP_MIN_LOG_LEVEL`` themselves: they chose what to see.
 """
 
-import contextlib
 import importlib.abc
 import importlib.util
 import os
 import re
 import sys
-import tempfile
+
+from keras_insightface.utils import filtered_stderr
 
 _STARTUP_LINE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\)"  # absl, once per library that logs early
@@ -28,7 +30,7 @@ def quiet_tensorflow_startup():
     """Install the quiet import of TensorFlow for this process (see the module docstring); returns whether it did."""
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
         return False
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # what TensorFlow logs after its start-up: errors only
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # nothing from TensorFlow's C++ log after its start-up
     if not any(isinstance(finder, _QuietFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _QuietFinder())
     return True
@@ -55,25 +57,6 @@ class _QuietLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        with _stderr_without_startup_lines():
+        with filtered_stderr(_STARTUP_LINE):
             self.loader.exec_module(module)
             module.config.list_physical_devices()  # the device query logs too (cuInit)
-
-
-@contextlib.contextmanager
-def _stderr_without_startup_lines():
-    """Send file descriptor 2 to a temporary file for the block, then write what it got, less start-up lines."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not _STARTUP_LINE.match(line)))
-            sys.stderr.flush()

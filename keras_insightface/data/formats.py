@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import pickle
+import re
 
 import numpy as np
 
@@ -23,6 +24,13 @@ INSIGHTFACE_SCALE = 1 / 127.5  # insightface's `(x - 127.5) / 127.5`, offered fo
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "keras_insightface")
 DISTILL_HEADER_KEYS = ("classes", "emb_shape", "total", "use_fp16")
+# What the image codecs print about a bad file, besides the error that names it (libjpeg writes some of these to the
+# process's stderr directly; TensorFlow logs others).
+CODEC_NOISE = re.compile(
+    r"(Corrupt JPEG data|Premature end of JPEG|Improper call to JPEG library|Not a JPEG file|Invalid JPEG file "
+    r"structure|Bogus (marker|Huffman)|Unsupported marker|libpng (warning|error)"
+    r"|[EW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ (jpeg_mem|png_io|decode_image_op)\.cc:\d+\])"
+)
 
 
 def normalize_image(images, scale=SEEDS_SCALE):

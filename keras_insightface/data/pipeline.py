@@ -10,6 +10,7 @@ augmentation in ``augment``. Every source feeds the same decode / augment / batc
 """
 
 import dataclasses
+import functools
 import os
 import threading
 import warnings
@@ -84,14 +85,32 @@ class SkippedImages:
 class TrainDataset:
     """What the trainer needs from the input: the batched dataset, its size and the label space.
 
-    ``dataset`` yields ``(images, targets)`` (see the module docstring) and repeats forever; an epoch is
-    ``steps_per_epoch`` batches. ``skipped`` is the :class:`SkippedImages` record of the pipeline (None when the
+    ``at(epoch, step)`` yields ``(images, targets)`` (see the module docstring) from batch ``step`` of ``epoch`` on,
+    forever; ``dataset`` is where it starts. An epoch is ``steps_per_epoch`` batches. ``dataset`` is a
+    ``tf.data.Dataset`` (a user's: ``at`` skips ``step`` of its batches after they are made) or a function of the batch
+    number that builds the pipeline from there (``prepare_dataset``'s: it starts anywhere without reading or decoding
+    the images before that point, and gives every batch the same images, in the same order and augmented the same way,
+    as a run started at 0 gives there). ``skipped`` is the :class:`SkippedImages` record of the pipeline (None when the
     dataset was built by the user).
     """
 
     def __init__(self, dataset, steps_per_epoch, classes, num_images, embedding_dim=0, skipped=None):
-        self.dataset, self.steps_per_epoch, self.classes = dataset, steps_per_epoch, classes
+        self._dataset_at = dataset if callable(dataset) else None
+        self._dataset = None if callable(dataset) else dataset
+        self.steps_per_epoch, self.classes = steps_per_epoch, classes
         self.num_images, self.embedding_dim, self.skipped = num_images, embedding_dim, skipped
+
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = self._dataset_at(0)
+        return self._dataset
+
+    def at(self, epoch, step=0):
+        """The batches from batch ``step`` of epoch ``epoch`` (both counted from 0) on."""
+        if self._dataset_at is None:
+            return self.dataset.skip(int(step)) if step else self.dataset
+        return self._dataset_at(int(epoch) * self.steps_per_epoch + int(step))
 
     @classmethod
     def from_dataset(cls, dataset, classes, steps_per_epoch):
@@ -176,11 +195,12 @@ def pre_process_folder(data_path, cache_dir=None, verify_images=False):
 # ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Source:
-    """The records of a training set: ``records`` repeats forever, shuffled; each record starts with a ``key``
-    from which ``names_of(keys)`` gets back file names (for reporting unreadable files). The image is a file path
-    when ``is_path``, else the encoded bytes. An epoch is ``steps_per_epoch`` batches of this worker's share."""
+    """The records of a training set: ``records_at(position)`` is the endless stream of this worker's records from its
+    ``position``-th on (a record's position counts from the run's start, across epochs), each record starting with a
+    ``key`` from which ``names_of(keys)`` gets back file names (for reporting unreadable files). The image is a file
+    path when ``is_path``, else the encoded bytes. An epoch is ``steps_per_epoch`` batches of this worker's share."""
 
-    records: object
+    records_at: object
     names_of: object
     num_images: int
     classes: int
@@ -189,52 +209,102 @@ class _Source:
     is_path: bool = True
 
 
+# The random streams of a run, each drawn from the run's seed (see ``stream_seed``).
+EPOCH_ORDER, CLASS_ORDER, CLASS_PICKS, AUGMENT, MIXUP, SHARD_ORDER, SHARD_MIX = range(7)
+NO_END = 2**62  # epochs of an endless stream
+
+
+def stream_seed(seed, stream, *values):
+    """The seed of a stateless random op: the run's ``seed``, which random ``stream`` (``EPOCH_ORDER`` ...) and where
+    in it (an epoch, a record position). Every draw of the pipeline is a function of these alone, so any position of
+    a run can be rebuilt without replaying what came before it."""
+    import tensorflow as tf
+
+    key = tf.stack([tf.constant(seed, tf.int64), tf.constant(stream, tf.int64)])
+    for value in values:
+        key = tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64))
+    return key
+
+
 def _epoch_steps(num_images, shard, batch_size):
     """Batches per epoch of one worker: its share of the images (``num_images // num_shards``, the smallest share)
     in whole batches; the same on every worker, so collective steps stay in step."""
     return max(1, num_images // (1 if shard is None else shard[0]) // batch_size)
 
 
-def _epoch_indices(num_images, options, shard, per_epoch):
-    """Endless image indices: each epoch a new permutation of this worker's share (every ``num_shards``-th image),
-    cut to ``per_epoch`` images, so that an image is seen at most once per epoch (exactly once when the share
-    divides into whole batches). The permutation is drawn in one op, without a shuffle buffer to fill."""
+def _epochs_from(position, per_epoch, epoch_items):
+    """The endless stream of items of whole epochs, started at item ``position``: ``epoch_items(epoch)`` is the
+    dataset of one epoch's items (``per_epoch`` of them); the part of the first epoch before ``position`` is skipped
+    without being read further than its items (indices or records, never decoded images)."""
+    import tensorflow as tf
+
+    first, offset = divmod(int(position), per_epoch)
+    head = epoch_items(tf.constant(first, tf.int64)).skip(offset)
+    return head.concatenate(tf.data.Dataset.range(first + 1, NO_END).flat_map(epoch_items))
+
+
+def _epoch_indices(num_images, options, shard, per_epoch, position):
+    """Endless image indices from ``position`` on: each epoch a new permutation of this worker's share (every
+    ``num_shards``-th image), cut to ``per_epoch`` images, so that an image is seen at most once per epoch (exactly
+    once when the share divides into whole batches). The permutation is drawn in one op from the epoch's seed."""
     import tensorflow as tf
 
     workers, worker = shard or (1, 0)
 
-    def permutation(seed):
+    def epoch_items(epoch):
         share = tf.range(worker, num_images, workers, dtype=tf.int64)
-        return tf.random.experimental.stateless_shuffle(share, seed=tf.stack([seed, 0]))[:per_epoch]
+        order = tf.random.experimental.stateless_shuffle(share, seed=stream_seed(options.seed, EPOCH_ORDER, epoch))
+        return tf.data.Dataset.from_tensor_slices(order[:per_epoch])
 
-    return tf.data.Dataset.random(seed=options.seed).map(permutation).unbatch()
+    return _epochs_from(position, per_epoch, epoch_items)
 
 
 def _sampled_indices(image_classes, options, shard, batch_size):
-    """``(index stream, steps per epoch)`` of an indexed source: P x K triplet order, or shuffled epochs."""
+    """``(index stream from a position, steps per epoch)`` of an indexed source: P x K triplet order, or shuffled
+    epochs."""
     steps = _epoch_steps(len(image_classes), shard, batch_size)
     if options.image_per_class > 0:
-        return _triplet_indices(image_classes, options.image_per_class, options.seed, shard), steps
-    return _epoch_indices(len(image_classes), options, shard, steps * batch_size), steps
+        return functools.partial(_triplet_indices, image_classes, options.image_per_class, options.seed, shard), steps
+    return functools.partial(_epoch_indices, len(image_classes), options, shard, steps * batch_size), steps
 
 
 def _tfrecord_source(data_path, options, shard, batch_size):
-    """Distillation TFRecord records, keyed by their image name."""
+    """Distillation TFRecord records, keyed by their image name: each epoch mixes the file's records in windows of
+    ``shuffle_buffer`` (a stateless permutation of each window, from the epoch's seed)."""
     records, header = read_distill_tfrecord(data_path)
     records = records if shard is None else records.shard(*shard)
     records = records.map(lambda name, label, embedding: (name, name, label, embedding))
     steps = _epoch_steps(header["total"], shard, batch_size)
-    records = records.shuffle(min(header["total"], 100_000), seed=options.seed, reshuffle_each_iteration=True)
-    records = records.take(steps * batch_size).repeat()
+    window = max(1, min(options.shuffle_buffer, header["total"]))
+
+    def epoch_items(epoch):
+        return _mixed(records, window, options.seed, epoch).take(steps * batch_size)
 
     def names_of(keys):
         return [key.decode("utf-8", "surrogateescape") for key in keys]
 
-    return _Source(records, names_of, header["total"], header["classes"], header["emb_shape"], steps)
+    records_at = functools.partial(_epochs_from, per_epoch=steps * batch_size, epoch_items=epoch_items)
+    return _Source(records_at, names_of, header["total"], header["classes"], header["emb_shape"], steps)
 
 
-def _triplet_indices(image_classes, image_per_class, seed=None, shard=None):
-    """Endless image indices laid out as P classes x K images, classes reshuffled each epoch.
+def _mixed(records, window, seed, epoch):
+    """``records`` mixed in consecutive windows of ``window`` records, each window in a stateless random order drawn
+    from ``seed``, ``epoch`` and the window's number (a shuffle buffer that any position of a run can rebuild)."""
+    import tensorflow as tf
+
+    def permuted(number, batch):
+        size = tf.shape(tf.nest.flatten(batch)[0])[0]
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(size), seed=stream_seed(seed, SHARD_MIX, epoch, number)
+        )
+        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda column: tf.gather(column, order), batch))
+
+    return records.batch(window).enumerate().flat_map(permuted)
+
+
+def _triplet_indices(image_classes, image_per_class, seed, shard, position):
+    """Endless image indices laid out as P classes x K images from ``position`` on: each pass over the classes in a
+    new order, each class's K images a new draw, all from the run's seed.
 
     ``shard=(num_shards, index)`` keeps every ``num_shards``-th class, so P x K groups stay whole.
     """
@@ -243,18 +313,21 @@ def _triplet_indices(image_classes, image_per_class, seed=None, shard=None):
     order = np.argsort(image_classes, kind="stable")
     classes, starts, counts = np.unique(image_classes[order], return_index=True, return_counts=True)
     order, starts, counts = tf.constant(order), tf.constant(starts), tf.constant(counts)
-    class_ids = tf.data.Dataset.range(len(classes))
-    if shard is not None:
-        class_ids = class_ids.shard(*shard)
+    workers, worker = shard or (1, 0)
+    class_ids = tf.range(worker, len(classes), workers, dtype=tf.int64)
 
-    def sample(class_index):
+    def sample(class_pass, class_index):
         count = counts[class_index]
         repeats = (image_per_class + count - 1) // count  # classes smaller than K repeat images
-        picks = tf.random.shuffle(tf.tile(tf.range(count), [repeats]))[:image_per_class]
-        return tf.gather(order, starts[class_index] + picks)
+        draw = stream_seed(seed, CLASS_PICKS, class_pass, class_index)
+        picks = tf.random.experimental.stateless_shuffle(tf.tile(tf.range(count), [repeats]), seed=draw)
+        return tf.data.Dataset.from_tensor_slices(tf.gather(order, starts[class_index] + picks[:image_per_class]))
 
-    ds = class_ids.shuffle(len(classes), seed=seed, reshuffle_each_iteration=True).repeat()
-    return ds.map(sample).unbatch()
+    def pass_items(class_pass):
+        shuffled = tf.random.experimental.stateless_shuffle(class_ids, seed=stream_seed(seed, CLASS_ORDER, class_pass))
+        return tf.data.Dataset.from_tensor_slices(shuffled).flat_map(lambda index: sample(class_pass, index))
+
+    return _epochs_from(position, len(class_ids) * image_per_class, pass_items)
 
 
 def _image_list_source(data_path, options, shard, batch_size):
@@ -264,13 +337,17 @@ def _image_list_source(data_path, options, shard, batch_size):
     content = pre_process_folder(data_path, cache_dir=options.cache_dir, verify_images=options.verify_images)
     image_names, image_classes = content["image_names"], content["image_classes"].astype(np.int64)
     embeddings = content.get("embeddings")
-    indices, steps = _sampled_indices(image_classes, options, shard, batch_size)
+    indices_at, steps = _sampled_indices(image_classes, options, shard, batch_size)
     columns = (image_names, image_classes) if embeddings is None else (image_names, image_classes, embeddings)
     columns = tuple(tf.constant(column) for column in columns)
-    records = indices.map(lambda index: (index, *(tf.gather(column, index) for column in columns)))
+
+    def records_at(position):
+        return indices_at(position).map(lambda index: (index, *(tf.gather(column, index) for column in columns)))
+
     embedding_dim = 0 if embeddings is None else embeddings.shape[-1]
     classes = int(image_classes.max()) + 1
-    return _Source(records, lambda keys: image_names[keys].tolist(), len(image_names), classes, embedding_dim, steps)
+    names_of = lambda keys: image_names[keys].tolist()  # noqa: E731
+    return _Source(records_at, names_of, len(image_names), classes, embedding_dim, steps)
 
 
 def _warn_unverified(options, data_path):
@@ -291,15 +368,17 @@ def _recordio_source(data_path, options, shard, batch_size):
     _warn_unverified(options, data_path)
     index = recordio.load_index(data_path, options.cache_dir)
     reader = recordio.RecordFile(index)
-    indices, steps = _sampled_indices(index.labels, options, shard, batch_size)
+    indices_at, steps = _sampled_indices(index.labels, options, shard, batch_size)
 
     def read(positions):
         images, labels = tf.numpy_function(reader.read, [positions], [tf.string, tf.int64], stateful=False)
         return positions, tf.ensure_shape(images, [None]), tf.ensure_shape(labels, [None])
 
-    records = indices.batch(READ_BATCH).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    def records_at(position):
+        return indices_at(position).batch(READ_BATCH).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
     names_of = lambda keys: [index.name(key) for key in keys]  # noqa: E731
-    return _Source(records, names_of, index.num_images, index.classes, 0, steps, is_path=False)
+    return _Source(records_at, names_of, index.num_images, index.classes, 0, steps, is_path=False)
 
 
 def _worker_shard_files(index, shard, per_epoch):
@@ -333,32 +412,41 @@ def _shard_source(data_path, options, shard, batch_size):
     index = shards.read_index(data_path)
     steps = _epoch_steps(index["images"], shard, batch_size)
     files, split_records = _worker_shard_files(index, shard, steps * batch_size)
-    files_ds = tf.data.Dataset.from_tensor_slices(files)
-    if not split_records:
-        files_ds = files_ds.shuffle(len(files), seed=options.seed, reshuffle_each_iteration=True)
-    records = files_ds.interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    records = records.shard(*shard) if split_records else records
-    buffer = max(1, min(options.shuffle_buffer, index["images"]))
-    records = records.shuffle(buffer, seed=options.seed, reshuffle_each_iteration=True).take(steps * batch_size)
+    window = max(1, min(options.shuffle_buffer, index["images"]))
+
+    def epoch_items(epoch):
+        names = tf.constant(files)
+        if not split_records:
+            order = stream_seed(options.seed, SHARD_ORDER, epoch)
+            names = tf.gather(names, tf.random.experimental.stateless_shuffle(tf.range(len(files)), seed=order))
+        records = tf.data.Dataset.from_tensor_slices(names).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        records = records.shard(*shard) if split_records else records
+        return _mixed(records.map(lambda serialized: (serialized,)), window, options.seed, epoch).take(
+            steps * batch_size
+        )
 
     def parse(serialized):
         example = tf.io.parse_example(serialized, shards.feature_spec())
         return example["key"], example["image"], example["label"]
 
-    records = records.batch(READ_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch().repeat()
+    def records_at(position):
+        serialized = _epochs_from(position, steps * batch_size, epoch_items)
+        return serialized.batch(READ_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
     folder = index["source"]
     names_of = lambda keys: [os.path.join(folder, key.decode("utf-8", "surrogateescape")) for key in keys]  # noqa: E731
-    return _Source(records, names_of, index["images"], index["classes"], 0, steps, is_path=False)
+    return _Source(records_at, names_of, index["images"], index["classes"], 0, steps, is_path=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Skipped-image accounting: a sequence number and the keys of the last records travel with each record.
 # ---------------------------------------------------------------------------------------------------------
-def _with_recent_keys(records):
-    """Add to each record its sequence number and the keys of the ``SKIP_MEMORY`` records before it: when the
-    decoder drops some records, the next surviving one knows how many were lost and which."""
+def _with_recent_keys(records, start):
+    """Add to each record its sequence number (its position in the run, from ``start``) and the keys of the
+    ``SKIP_MEMORY`` records before it: when the decoder drops some records, the next surviving one knows how many
+    were lost and which."""
     import tensorflow as tf
 
     key_spec = records.element_spec[0]
@@ -368,7 +456,7 @@ def _with_recent_keys(records):
         seq, recent = state
         return (seq + 1, tf.concat([recent[1:], [record[0]]], 0)), (seq, recent, *record[1:])
 
-    return records.scan((tf.constant(0, tf.int64), empty), remember)
+    return records.scan((tf.constant(start, tf.int64), empty), remember)
 
 
 def _report_gaps(batches, skipped):
@@ -402,9 +490,12 @@ def _decode_and_augment(img_shape, options, is_path):
 
     def load(seq, recent, image, label, embedding=None):
         image = decode_image(image, img_shape, is_path=is_path)
-        image = augment.random_process_image(image, img_shape, options.random_status, options.random_crop)
+        image_seed, mask_seed = tf.unstack(
+            tf.random.experimental.stateless_split(stream_seed(options.seed, AUGMENT, seq))
+        )
+        image = augment.random_process_image(image, image_seed, img_shape, options.random_status, options.random_crop)
         if options.random_cutout_mask_area > 0:
-            image = augment.random_cutout_mask(image, options.random_cutout_mask_area)
+            image = augment.random_cutout_mask(image, options.random_cutout_mask_area, mask_seed)
         targets = {LABEL_KEY: tf.cast(label, tf.int32)}
         if embedding is not None:
             targets[EMBEDDING_KEY] = tf.cast(embedding, tf.float32)
@@ -424,10 +515,11 @@ def _regroup_by_label(images, image_per_class):
     ).unbatch()
 
 
-def _with_mixup(images, targets, alpha):
+def _with_mixup(batch_number, images, targets, options):
     from keras_insightface.data import augment
 
-    mixed, partner_labels, weights = augment.mixup(images, targets[LABEL_KEY], alpha)
+    seed = stream_seed(options.seed, MIXUP, batch_number)
+    mixed, partner_labels, weights = augment.mixup(images, targets[LABEL_KEY], options.mixup_alpha, seed)
     return mixed, dict(targets, **{MIXUP_LABEL_KEY: partner_labels, MIXUP_WEIGHT_KEY: weights})
 
 
@@ -441,34 +533,67 @@ def _open_source(data_path, options, shard, batch_size):
     return _image_list_source(data_path, options, shard, batch_size)
 
 
+def check_data_path(data_path):
+    """Refuse, before any work, a training data path that is missing or a file of a kind training does not read."""
+    if isinstance(data_path, TrainDataset):
+        return
+    path = os.fspath(data_path)
+    takes = "a class folder, a RecordIO folder or .rec, a shard folder, an image-list .npz or a distillation .tfrecord"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"training data not found: {path} (data_path takes {takes})")
+    if path.endswith(".bin") and os.path.isfile(path):
+        raise ValueError(
+            f"{path} is a verification .bin file, not training data: give it in eval_paths; data_path takes {takes}"
+        )
+    if os.path.isfile(path) and not path.endswith((".rec", ".npz", ".tfrecord", ".tfrecords")):
+        raise ValueError(f"{path} is a file, not training data: data_path takes {takes}")
+
+
 def prepare_dataset(data_path, batch_size=128, img_shape=(112, 112), shard=None, options=None, **option_values):
     """Build the training :class:`TrainDataset` from a class folder, an image-list npz, a distill TFRecord, an MXNet
     RecordIO file (a ``.rec`` or a folder holding ``train.rec`` + ``train.idx``) or a folder of TFRecord shards
     (``shards.json``).
 
     ``options`` (a :class:`PipelineOptions`) and keyword arguments of the same names set sampling and
-    augmentation; ``image_per_class > 0`` makes triplet batches (P identities x K images). Unreadable images are
+    augmentation; ``image_per_class > 0`` makes triplet batches (P identities x K images). Every random choice (the
+    order of each epoch, augmentation) is drawn from ``seed``, a random one when None. Unreadable images are
     skipped and recorded in ``TrainDataset.skipped``. ``shard=(num_shards, index)`` keeps one worker's share of the
     images (of the identities for triplet batches) before anything is read or decoded; ``classes`` and
     ``num_images`` still describe the whole dataset, ``steps_per_epoch`` is the shard's (the same on every worker).
     """
-    import tensorflow as tf
-
     options = dataclasses.replace(options or PipelineOptions(), **option_values)
+    if options.seed is None:
+        options.seed = draw_seed()
     img_shape = tuple(int(ii) for ii in img_shape[:2])
     per_class = options.image_per_class
     if per_class > 0:
         batch_size = max(per_class, batch_size // per_class * per_class)
     source = _open_source(os.fspath(data_path), options, shard, batch_size)
     skipped = SkippedImages(source.names_of)
-    ds = _with_recent_keys(source.records)
+    dataset_at = functools.partial(_batches_at, source, skipped, batch_size, img_shape, options)
+    return TrainDataset(
+        dataset_at, source.steps_per_epoch, source.classes, source.num_images, source.embedding_dim, skipped
+    )
+
+
+def draw_seed():
+    """A random seed for a run that was given none (it is stored with the run, so that a resume can use it)."""
+    return int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+
+
+def _batches_at(source, skipped, batch_size, img_shape, options, batch):
+    """The pipeline from batch number ``batch`` of the run on: records from that position, decoded, augmented,
+    batched; skipped images recorded."""
+    import tensorflow as tf
+
+    start = batch * batch_size
+    ds = _with_recent_keys(source.records_at(start), start)
     load = _decode_and_augment(img_shape, options, source.is_path)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _report_gaps(ds.ignore_errors().batch(batch_size, drop_remainder=True), skipped)
-    if per_class > 0:
-        ds = _regroup_by_label(ds.unbatch(), per_class).batch(batch_size, drop_remainder=True)
+    if options.image_per_class > 0:
+        ds = _regroup_by_label(ds.unbatch(), options.image_per_class).batch(batch_size, drop_remainder=True)
     if options.mixup_alpha > 0:
-        mix = lambda images, targets: _with_mixup(images, targets, options.mixup_alpha)  # noqa: E731
-        ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    return TrainDataset(ds, source.steps_per_epoch, source.classes, source.num_images, source.embedding_dim, skipped)
+        mix = lambda number, batch: _with_mixup(number, *batch, options)  # noqa: E731
+        ds = ds.enumerate(start=batch).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -106,7 +106,7 @@ def load_embedder(model, safe_mode=True):
     if path.endswith((".keras", ".h5", ".hdf5")) or foreign_models.foreign_model_kind(path):
         from keras_insightface.models import zoo as models
 
-        return _keras_embedder(models.load_model(path, safe_mode=safe_mode))
+        return _keras_embedder(models.load_basic_model(path, safe_mode=safe_mode))
     raise ValueError(
         f"unsupported model file {path}: expected .keras, .h5, .onnx, or an arcface_torch checkpoint (.pth / .pt)"
     )

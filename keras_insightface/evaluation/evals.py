@@ -32,7 +32,7 @@ from keras_insightface.faces.alignment import (  # noqa: F401
     estimate_alignment,
     face_align_landmarks,
 )
-from keras_insightface.models.zoo import load_model as load_basic_model  # noqa: F401 (the name scripts use)
+from keras_insightface.models.zoo import load_basic_model  # noqa: F401 (the name scripts use)
 from keras_insightface.utils import atomic_write
 
 

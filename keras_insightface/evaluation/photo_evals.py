@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_insightface.data import pipeline as data
+from keras_insightface.data.formats import CODEC_NOISE
 from keras_insightface.evaluation.metrics import (
     balanced_best_threshold,
     evaluation_1N,
@@ -18,7 +19,7 @@ from keras_insightface.evaluation.metrics import (
     mean_over_galleries,
     roc_tar_at_far,
 )
-from keras_insightface.utils import atomic_write
+from keras_insightface.utils import atomic_write, filtered_stderr
 
 # ---------------------------------------------------------------------------------------------------------
 # Your own photos: evaluation on a folder of aligned faces, and photos compared with each other.
@@ -206,10 +207,13 @@ def _embed_folder(embedder, image_names, batch_size, flip, image_scale):
     from keras_insightface.evaluation.embedder import embed_image_files
 
     try:
-        return embed_image_files(embedder, image_names, batch_size, image_scale, flip=flip)
+        with filtered_stderr(CODEC_NOISE):  # the error below names the bad files
+            return embed_image_files(embedder, image_names, batch_size, image_scale, flip=flip)
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
-        bad = [image_names[index] for index in data.undecodable_indices(list(image_names))]
-        raise ValueError(f"cannot decode {bad[:5] or 'an image'} ({len(bad)} in all): remove or re-align them") from err
+        with filtered_stderr(CODEC_NOISE):
+            bad = [str(image_names[index]) for index in data.undecodable_indices(list(image_names))]
+        named = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "") if bad else "an image"
+        raise ValueError(f"cannot decode {named} ({len(bad)} in all): remove or re-align them") from err
 
 
 def _save_folder_results(base, results, roc, image_names, labels, embeddings, split):
@@ -261,7 +265,8 @@ def evaluate_folder(
     relative = np.array([os.path.relpath(path, folder) for path in image_names])
     results["files"] = _save_folder_results(base, results, roc, relative, labels, embeddings, split)
     print(format_folder_table(results))
-    print(">>>> Saved:", ", ".join(results["files"]))
+    names = ", ".join(os.path.basename(path) for path in results["files"])
+    print(f">>>> Saved in {os.path.abspath(result_dir)}: {names}")
     return results
 
 

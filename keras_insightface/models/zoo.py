@@ -502,6 +502,32 @@ def extract_basic_model(model, layer=EMBEDDING_LAYER_NAME):
     return keras.Model(model.inputs[0], output, name=model.name + "_basic")
 
 
+def is_training_model(model):
+    """True for a full training model (the basic model with its heads): a layer named ``embedding`` whose output is
+    not the model's only output."""
+    names = {layer.name for layer in model.layers}
+    return EMBEDDING_LAYER_NAME in names and (
+        len(model.outputs) != 1 or model.outputs[0] is not model.get_layer(EMBEDDING_LAYER_NAME).output
+    )
+
+
+def describe_model(model):
+    """A short description of a basic model's network: input, embedding size and parameter count (two models with
+    equal descriptions are taken as the same network, whatever their names)."""
+    height, width, channels = model.input_shape[1:4]
+    return f"input {height}x{width}x{channels}, embedding {model.output_shape[-1]}, {model.count_params():,} parameters"
+
+
+def load_basic_model(model, custom_objects=None, safe_mode=True):
+    """``load_model`` for the tools that use embeddings: a training checkpoint (the full model, heads included)
+    gives its embedding model, said in one line."""
+    loaded = load_model(model, custom_objects, safe_mode=safe_mode)
+    if not is_training_model(loaded):
+        return loaded
+    print(f">>>> {model if isinstance(model, str) else loaded.name} is a training model: using its embedding model")
+    return extract_basic_model(loaded)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Deployment wrappers (export.build_deploy_model) and the one model loader.
 # ---------------------------------------------------------------------------------------------------------

@@ -264,6 +264,18 @@ def default_dest(
     return stem + suffix + DEST_SUFFIXES[format]
 
 
+def _check_dest_kind(dest, format):
+    """A SavedModel is a folder, the other formats a file: an existing path of the other kind is refused before the
+    conversion."""
+    if format != "saved_model" and os.path.isdir(dest):
+        name = f"model{DEST_SUFFIXES[format]}"
+        raise IsADirectoryError(
+            f"{dest} is a folder: the output of {format} is a file (e.g. {os.path.join(dest, name)})"
+        )
+    if format == "saved_model" and os.path.isfile(dest):
+        raise FileExistsError(f"{dest} is a file: the output of saved_model is a folder")
+
+
 def export_model(
     model_or_path,
     dest=None,
@@ -292,7 +304,8 @@ def export_model(
         dest = default_dest(model_or_path, format, quant, include_preprocessing, l2_normalize, dynamic_input_size)
     dest = os.fspath(dest)
     check_writable_folder(dest)
-    model = models.load_model(model_or_path, safe_mode=safe_mode)
+    _check_dest_kind(dest, format)
+    model = models.load_basic_model(model_or_path, safe_mode=safe_mode)
     representative_images = None
     if quant in INTEGER_QUANTIZATIONS:
         representative_images = load_representative_images(representative_data, model.input_shape[1:3], num_calibration)

@@ -8,6 +8,7 @@ can be used for plotting, as in Keras_insightface (``CosineLrScheduler(...).on_e
 import math
 import os
 import select
+import shutil
 import sys
 import warnings
 
@@ -174,7 +175,7 @@ class MyHistory(keras.callbacks.Callback):
     def __init__(self, initial_file=None):
         super().__init__()
         self.initial_file = initial_file
-        self.history = load_json(initial_file, {}) if initial_file else {}
+        self.history = _load_history(initial_file) if initial_file else {}
 
     @property
     def completed_epochs(self):
@@ -203,6 +204,20 @@ class MyHistory(keras.callbacks.Callback):
             save_json(self.initial_file, self.history, indent=1)
 
 
+def _load_history(path):
+    """The history file's dict ({} when there is none); a damaged file stops in one line and is left as it is."""
+    try:
+        history = load_json(path, {})
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is damaged: not a JSON history ({err}); it is left as it is: move it aside "
+            f"(mv {path} {path}.damaged) to go on without the logs of the earlier epochs, or pass resume=False"
+        ) from None
+    if not isinstance(history, dict) or not all(isinstance(values, list) for values in history.values()):
+        raise ValueError(f"{path} is not a history (a dict of per-epoch lists); it is left as it is: move it aside")
+    return history
+
+
 def history_with_epoch(history, logs):
     """A copy of ``history`` (per-epoch lists) with one more epoch of ``logs``, as floats; a key that appears late is
     padded with None, so that every list stays aligned with the epochs."""
@@ -219,27 +234,44 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     """Save the model to ``filepath`` at every epoch end, atomically; skipped when the epoch's loss is not finite.
 
     ``run_state(epoch, logs) -> dict``, when given, is a record stored inside the checkpoint (``run_state``), so that
-    the one rename of the file commits the epoch's weights, optimizer and record together."""
+    the one rename of the file commits the epoch's weights, optimizer and record together. ``previous_path`` keeps
+    the checkpoint it replaces."""
 
-    def __init__(self, filepath, save_model=None, run_state=None):
+    def __init__(self, filepath, save_model=None, run_state=None, previous_path=None):
         super().__init__()
         self.filepath, self.save_model, self.run_state = filepath, save_model, run_state
+        self.previous_path = previous_path
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and not _is_finite(logs.get("loss", 0.0)):
             return
         extra = self.run_state(epoch, logs or {}) if self.run_state else None
-        save_model_atomic(self.save_model or self._model, self.filepath, extra)
+        save_model_atomic(self.save_model or self._model, self.filepath, extra, self.previous_path)
 
 
-def save_model_atomic(model, filepath, state=None):
+def save_model_atomic(model, filepath, state=None, previous_path=None):
     """``model.save`` through a temporary file of the same extension, then rename (.keras or .h5); the ``state``
-    record is added to the file before the rename."""
+    record is added to the file before the rename. ``previous_path``: the file replaced is kept there first (a hard
+    link, or a copy where the file system has none), so that a damaged newest file never leaves nothing to go on
+    from."""
     with atomic_write(filepath) as tmp_path:
         os.remove(tmp_path)  # Keras refuses to overwrite some formats in place
         model.save(tmp_path)
         if state is not None:
             write_run_state(tmp_path, state)
+        if previous_path and os.path.exists(filepath):
+            link_or_copy(filepath, previous_path)
+
+
+def link_or_copy(source, dest):
+    """``dest`` becomes the file ``source`` is, atomically: a hard link (no copy of a large checkpoint), or a copy
+    where the file system has no hard links."""
+    with atomic_write(dest) as tmp_path:
+        os.remove(tmp_path)
+        try:
+            os.link(source, tmp_path)
+        except OSError:
+            shutil.copyfile(source, tmp_path)
 
 
 class GentlyStop(keras.callbacks.Callback):

@@ -35,7 +35,8 @@ class TrainConfig(data.PipelineOptions):
     gradient_accumulation_steps: int = 1  # > 1: each update sums the gradients of that many batches
     gradient_clip_norm: float | None = None  # clip the global norm of each update's gradient (all replicas)
     plot_history: bool = True  # redraw <stem>_hist.png at each epoch end
-    resume: bool = True  # continue an interrupted run of the same save_path
+    resume: object = True  # continue an interrupted run of the same save_path; "checkpoint": even with another model
+    checkpoint_minutes: float | None = None  # also save the run every that many minutes, in the middle of epochs
     verbose: int = 1
 
     def __post_init__(self):
@@ -85,6 +86,7 @@ OPTION_RULES = {
     "gradient_accumulation_steps": integer(1),
     "gradient_clip_norm": optional(number(0, low_open=True)),
     "plot_history": boolean,
-    "resume": boolean,
+    "resume": one_of(True, False, "checkpoint"),
+    "checkpoint_minutes": optional(number(0, low_open=True)),
     "verbose": integer(0, 2),
 }

@@ -115,35 +115,11 @@ def _suggestion(err):
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-def resolve_loss(loss, where):
-    """A loss object for ``loss``: itself, or the ``losses`` class / Keras loss a string names."""
-    if not isinstance(loss, str):
-        return loss
-    if isinstance(getattr(losses, loss, None), type):
-        return getattr(losses, loss)()
-    try:
-        return keras.losses.get(loss)
-    except ValueError:
-        names = [name for name in dir(losses) if name[0].isupper() and name.endswith("Loss")]
-        close = difflib.get_close_matches(loss, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise RecipeError(f"{where}: unknown loss {loss!r}{hint}") from None
-
-
 def _checked_schedule(schedule, path):
-    if not isinstance(schedule, list | tuple) or not schedule:
-        raise RecipeError(f"{path}: 'schedule' must be a non-empty list of stage dicts")
-    checked = []
-    for index, stage in enumerate(schedule):
-        where = f"{path}: schedule[{index}]"
-        if not isinstance(stage, dict):
-            raise RecipeError(f"{where} is {type(stage).__name__}, expected a dict")
-        try:
-            stages.check_stage_keys(stage)
-        except ValueError as err:
-            raise RecipeError(f"{where}: {err}") from None
-        checked.append(dict(stage, loss=resolve_loss(stage["loss"], where)))
-    return checked
+    try:
+        return stages.resolve_schedule(schedule, f"{path}: schedule")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def _checked_train_kwargs(train_kwargs, path):

@@ -52,6 +52,15 @@ def _read_owner(path):
         return None
 
 
+def _describe_unreadable(path):
+    """What a lock file that holds no lock record holds: nothing, or how many bytes of something else."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return "nothing"
+    return "nothing" if size == 0 else f"{size} bytes that are not a lock record"
+
+
 def _release(path, token):
     """Remove the lock file if it is still ours."""
     owner = _read_owner(path)
@@ -80,16 +89,27 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as ff:
                 json.dump(self._record(), ff)
-            weakref.finalize(self, _release, self.path, self.token)
+            self._finalizer = weakref.finalize(self, _release, self.path, self.token)
             return self
         raise RunLockedError(f"could not take the lock {self.path}: other processes keep taking it")
+
+    def release(self):
+        """Remove the lock file now (if it is still ours)."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
 
     def _take_over_if_stale(self, owner):
         """Remove a lock whose owner is gone (with a warning) or is this process; raise if its owner is alive."""
         if owner is None:
-            if time.time() - _mtime(self.path) < UNWRITTEN_GRACE_S:
-                raise RunLockedError(f"{self.path} is being created by another training run")
-            reason = "an empty lock file"
+            content = _describe_unreadable(self.path)
+            age = time.time() - _mtime(self.path)
+            if age < UNWRITTEN_GRACE_S:
+                raise RunLockedError(
+                    f"{self.path} holds {content}, written {age:.0f} s ago: another training run may be taking it; "
+                    f"if none is, delete {self.path} (or wait {UNWRITTEN_GRACE_S} s: it is then taken over)"
+                )
+            reason = f"it holds {content}, not a lock record"
         elif owner.get("host") != socket.gethostname():
             raise RunLockedError(self._in_use(owner, "; if that run is gone, delete " + self.path))
         elif owner.get("pid") == os.getpid():

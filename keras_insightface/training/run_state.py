@@ -17,6 +17,10 @@ STATE_NAME = "insightface_run_state"
 MAX_ZIP_COMMENT = 65535
 
 
+class DamagedFileError(ValueError):
+    """A model file that is not whole (truncated, overwritten, not a model file)."""
+
+
 def write_run_state(path, state):
     """Store ``state`` (a small JSON-ready dict) in the freshly saved model file ``path`` (``.keras`` or ``.h5``)."""
     text = json.dumps({STATE_NAME: state})
@@ -34,19 +38,29 @@ def write_run_state(path, state):
 
 def read_run_state(path):
     """The state stored in the model file ``path``; None for a file saved without one (by an older version, or a
-    model that is not a run's checkpoint)."""
-    if path.endswith(".keras"):
-        with zipfile.ZipFile(path) as archive:
-            text = archive.comment.decode(errors="replace")
-    else:
-        import h5py
-
-        with h5py.File(path, "r") as saved:
-            text = saved.attrs.get(STATE_NAME, "")
+    model that is not a run's checkpoint). ``DamagedFileError`` when the file is not a whole model file."""
+    try:
+        text = _stored_text(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        kind = ".keras zip archive" if path.endswith(".keras") else "HDF5 model file"
+        raise DamagedFileError(f"{path} is damaged: not a whole {kind} ({err})") from None
     try:
         return json.loads(text)[STATE_NAME]
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _stored_text(path):
+    if path.endswith(".keras"):
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every member once: a file damaged inside, not only a cut one
+            if damaged is not None:
+                raise zipfile.BadZipFile(f"member {damaged} fails its CRC check")
+            return archive.comment.decode(errors="replace")
+    import h5py
+
+    with h5py.File(path, "r") as saved:
+        return saved.attrs.get(STATE_NAME, "")
 
 
 def array_checksum(values):

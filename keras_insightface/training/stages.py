@@ -6,6 +6,7 @@ did not change keeps its weights), the center-loss state and the optimizer (``op
 """
 
 import dataclasses
+import difflib
 import functools
 import os
 import re
@@ -89,6 +90,56 @@ def check_stage_keys(stage):
     if unknown:
         raise ValueError(f"scheduler dict has unknown key(s) {unknown}; known keys: {sorted(known)}")
     checks.check_options(_stage_rules(), stage, what="scheduler key")
+
+
+def resolve_schedule(schedule, where="schedule"):
+    """The stage dicts of ``schedule`` (a list of dicts, or one dict), checked and with names resolved: a loss named
+    by a string becomes the loss object, an optimizer name is checked; nothing is built. Errors name the stage and
+    suggest the closest names. The caller's dicts are not modified."""
+    stages = [schedule] if isinstance(schedule, dict) else schedule
+    if not isinstance(stages, list | tuple) or not stages:
+        raise ValueError(f"{where} must be a non-empty list of stage dicts")
+    resolved = []
+    for index, stage in enumerate(stages):
+        at = f"{where}[{index}]"
+        if not isinstance(stage, dict):
+            raise ValueError(f"{at} is {type(stage).__name__}, expected a dict")
+        try:
+            check_stage_keys(stage)
+        except ValueError as err:
+            raise ValueError(f"{at}: {err}") from None
+        stage = dict(stage, loss=resolve_loss(stage["loss"], at))
+        if isinstance(stage.get("optimizer"), str):
+            _check_optimizer_name(stage["optimizer"], at)
+        resolved.append(stage)
+    return resolved
+
+
+def resolve_loss(loss, where):
+    """A loss object for ``loss``: itself, or the ``losses`` class / Keras loss a string names."""
+    if not isinstance(loss, str):
+        return loss
+    if isinstance(getattr(losses, loss, None), type):
+        return getattr(losses, loss)()
+    try:
+        return keras.losses.get(loss)
+    except ValueError:
+        names = [name for name in dir(losses) if name[0].isupper() and name.endswith("Loss")]
+        raise ValueError(f"{where}: unknown loss {loss!r}{_did_you_mean(loss, names)}") from None
+
+
+def _check_optimizer_name(name, where):
+    try:
+        keras.optimizers.get({"class_name": name, "config": {}})
+    except ValueError:
+        known = [key for key, value in vars(keras.optimizers).items() if isinstance(value, type) and key[0].isupper()]
+        known = sorted({*known, *(key.lower() for key in known)} - {"Optimizer", "optimizer"})
+        raise ValueError(f"{where}: unknown optimizer {name!r}{_did_you_mean(name, known)}") from None
+
+
+def _did_you_mean(name, known):
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def _optimizer_or_name(value):

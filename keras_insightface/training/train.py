@@ -9,6 +9,7 @@
 import contextlib
 import dataclasses
 import os
+import signal
 
 import keras
 import tensorflow as tf
@@ -20,6 +21,7 @@ from keras_insightface.nn import optimizers
 from keras_insightface.training import callbacks as run_callbacks
 from keras_insightface.training import runner, stages
 from keras_insightface.training.config import TrainConfig
+from keras_insightface.training.preemption import Preemption, exit_status
 from keras_insightface.training.run_files import RunFiles
 
 EMBEDDING_LAYER = "embedding"
@@ -37,6 +39,10 @@ def make_runner(config):
     return runner.StepRunner(
         strategy, config.steps_per_execution, config.jit_compile, config.verbose, fast=config.fast_kernels, **options
     )
+
+
+def _is_file(path):
+    return isinstance(path, str | os.PathLike) and os.path.isfile(path)
 
 
 class Train:
@@ -61,22 +67,29 @@ class Train:
         **options,
     ):
         self.config = config = TrainConfig.from_options(options)
+        data.check_data_path(data_path)  # a wrong path is refused before any model or checkpoint is loaded
         self.runner = make_runner(config)
         self.strategy = getattr(self.runner, "strategy", None)  # tf.distribute's, on TensorFlow
         self.files = RunFiles(save_path, self.strategy)
         self.files.claim()  # one live run per save path; a killed run's temporary files are removed
         self.save_path, self.hist_path, self.is_chief = self.files.save_path, self.files.hist_path, self.files.is_chief
-        self.eval_paths, self.custom_callbacks = list(eval_paths or []), list(callbacks or [])
-        self.global_batch_size = config.batch_size * self.runner.replicas
+        self.eval_paths = [eval_paths] if isinstance(eval_paths, str | os.PathLike) else list(eval_paths or [])
+        self.custom_callbacks, self.global_batch_size = list(callbacks or []), config.batch_size * self.runner.replicas
         self.history = run_callbacks.MyHistory(self.files.hist_path)
-        self._resume_pending = config.resume and self.files.reconcile(self.history)
+        self._resume_pending = bool(config.resume) and self.files.reconcile(self.history)
         self._first_train, self.stop_reason, self.model, self.optimizer = True, None, None, None
-        self.stage_epochs = []
+        self.stage_epochs, given_model = [], basic_model
+        resumed = self.files.resume_state if self._resume_pending else None
+        config.seed = (resumed or {}).get("seed", config.seed) if config.seed is None else config.seed
+        config.seed = data.draw_seed() if config.seed is None else config.seed  # stored in every checkpoint
         if self._resume_pending:
             print(f">>>> Resuming from checkpoint {self.save_path} (pass resume=False to start over)")
             basic_model, model = EMBEDDING_LAYER, self.save_path
         with self.runner.scope():
             self._init_models(basic_model, model, compile, pretrained, custom_objects)
+        if self._resume_pending and (isinstance(given_model, keras.Model) or _is_file(given_model)):
+            given = models.load_model(given_model, custom_objects)
+            self.files.check_resumed_model(self.basic_model, given, keep_checkpoint=config.resume == "checkpoint")
         self.evaluators = self._make_evaluators()  # reads and checks every eval bin before any training
         self.reset_dataset(data_path)
 
@@ -168,7 +181,7 @@ class Train:
         callbacks = [
             lr_scheduler,
             nan_guard,
-            *self.files.checkpoint_callbacks(self.history, stage.center_loss),
+            *self.files.checkpoint_callbacks(self.history, stage.center_loss, config.seed),
             *self.evaluators,
         ]
         callbacks += [self.history, run_callbacks.UnreadableImagesReport(train_ds.skipped)]
@@ -179,8 +192,9 @@ class Train:
         callbacks += [*self.custom_callbacks, gently_stop]
         return keras.callbacks.CallbackList(callbacks, model=stage.model, add_history=False)
 
-    def train_single_scheduler(self, loss, epoch, initial_epoch=0, **stage_options):
-        """Train one stage: ``epoch`` epochs from ``initial_epoch`` with ``loss`` and the other scheduler keys."""
+    def train_single_scheduler(self, loss, epoch, initial_epoch=0, start=None, **stage_options):
+        """Train one stage: ``epoch`` epochs from ``initial_epoch`` with ``loss`` and the other scheduler keys;
+        ``start = (update, totals)`` resumes the first epoch at that update (a checkpoint saved mid-epoch)."""
         stages.check_stage_keys(dict(stage_options, loss=loss, epoch=epoch))
         with self.runner.scope():
             stage = self.builder.build(loss, **stage_options)
@@ -188,21 +202,37 @@ class Train:
         train_ds = self._dataset(stage.image_per_class)
         accumulation = self.config.gradient_accumulation_steps
         updates_per_epoch = max(1, train_ds.steps_per_epoch // accumulation)  # each update takes that many batches
+        first_batch = (start[0] if start else 0) * accumulation
         worker_ds = []  # with several workers: this worker's share of the input (it reports its skipped images)
 
         def make_worker_dataset(batch_size, shard):
             worker_ds.append(self._dataset(stage.image_per_class, batch_size, shard))
-            return worker_ds[-1].dataset
+            return worker_ds[-1].at(initial_epoch, first_batch)
 
-        iterator = iter(self.runner.distribute(train_ds.dataset, self.global_batch_size, make_worker_dataset))
+        positioned = train_ds.at(initial_epoch, first_batch)  # the data where an uninterrupted run would be
+        iterator = iter(self.runner.distribute(positioned, self.global_batch_size, make_worker_dataset))
         nan_guard, gently_stop = run_callbacks.NanLossGuard(), run_callbacks.GentlyStop()
         callbacks = self._callbacks(stage, nan_guard, gently_stop, (worker_ds or [train_ds])[-1], updates_per_epoch)
         run_steps = self.runner.train_function(stage, self.classes)
         epochs, images_per_update = (initial_epoch, initial_epoch + epoch), self.global_batch_size * accumulation
-        self.runner.fit(stage.model, run_steps, iterator, callbacks, epochs, updates_per_epoch, images_per_update)
+        with self._preemption(stage) as preemption:
+            self.runner.fit(
+                stage.model, run_steps, iterator, callbacks, epochs, updates_per_epoch, images_per_update, start,
+                preemption,
+            )  # fmt: skip
         self.basic_model.trainable = True
-        if stage.model.stop_training:
+        if preemption.received is not None:
+            self.stop_reason = preemption.received.name
+        elif stage.model.stop_training:
             self.stop_reason = "nan" if nan_guard.nan_epoch is not None else "gently_stop"
+
+    def _preemption(self, stage):
+        """SIGTERM / SIGINT and ``checkpoint_minutes`` saves for the stage (signals in single-process runs only)."""
+
+        def save(epoch, update, totals):
+            self.files.save_mid_epoch(stage.model, self.history, stage.center_loss, self.config.seed, update, totals)
+
+        return Preemption(save, self.config.checkpoint_minutes, catch_signals=self.files.processes == 1)
 
     def _epochs_done(self, initial_epoch):
         """Epochs after ``initial_epoch`` that an interrupted run completed (0 for a fresh run), with the history
@@ -221,28 +251,42 @@ class Train:
     def train(self, train_schedule, initial_epoch=0):
         """Run every stage of ``train_schedule`` (a list of dicts, or one dict); returns the history dict.
 
-        After a restart (``Train`` found a checkpoint and history of ``save_path``) the first call skips the epochs
-        the previous run completed; later calls append to the history. ``bottleneckOnly`` stages do not advance
-        the epoch counter. The caller's dicts are not modified.
-        """
-        schedule = [dict(stage) for stage in ([train_schedule] if isinstance(train_schedule, dict) else train_schedule)]
-        for stage in schedule:
-            stages.check_stage_keys(stage)
+        Loss and optimizer names are resolved, and every stage checked, before any work. After a restart (``Train``
+        found a checkpoint and history of ``save_path``) the first call skips the epochs the previous run completed,
+        and goes on at the saved step of a checkpoint saved mid-epoch; later calls append to the history.
+        ``bottleneckOnly`` stages do not advance the epoch counter. The caller's dicts are not modified. SIGTERM or
+        SIGINT saves the run at the next step and ends it (``SystemExit(143)`` / ``KeyboardInterrupt``)."""
+        schedule = stages.resolve_schedule(train_schedule)
+        resumed = self.files.resume_state if self._resume_pending else None
+        start = (int(resumed["step"]), resumed.get("totals", {})) if resumed and resumed.get("step") else None
         done, self.stop_reason = self._epochs_done(initial_epoch), None
         self.stage_epochs = ([initial_epoch] if initial_epoch else []) + [int(stage["epoch"]) for stage in schedule]
         for stage in schedule:
             epochs = int(stage.pop("epoch"))
             skip = min(done, epochs)
             done -= skip
-            if 0 < skip < epochs and self.optimizer is not None:
+            if (skip or start) and skip < epochs and self.optimizer is not None:
                 stage["optimizer"] = None  # resuming mid-stage: keep the restored optimizer and its slots
             if skip < epochs:
-                self.train_single_scheduler(epoch=epochs - skip, initial_epoch=initial_epoch + skip, **stage)
+                self.train_single_scheduler(
+                    epoch=epochs - skip, initial_epoch=initial_epoch + skip, start=start, **stage
+                )
+                start = None
             initial_epoch += 0 if stage.get("bottleneckOnly", False) else epochs
             if self.stop_reason:
                 print(f">>>> Training stopped ({self.stop_reason}); remaining stages skipped.")
                 break
+        if self.stop_reason in ("SIGTERM", "SIGINT"):
+            self._end_stopped_run()
         return self.history.history
+
+    def _end_stopped_run(self):
+        """After a signal stopped the run (it is saved): give the save path back and end as the signal would."""
+        self.files.release()
+        print(f">>>> {self.save_path} saved; the same command or script resumes it")
+        if self.stop_reason == "SIGINT":
+            raise KeyboardInterrupt
+        raise SystemExit(exit_status(signal.Signals[self.stop_reason]))
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
