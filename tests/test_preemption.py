@@ -192,3 +192,24 @@ def test_sigterm_mid_epoch_saves_releases_the_lock_exits_143_and_the_restart_goe
     assert stopped_run["runs"][1][:10] == whole_run["runs"][0][20:30]
     history = json.load(open(tmp_path / "stopped_hist.json"))
     assert len(history["loss"]) == 2 and None not in history["loss"]
+
+
+def test_the_epoch_loop_asks_after_each_step_inside_an_epoch_and_never_saves_a_nan_step():
+    from keras_insightface.training import callbacks as run_callbacks
+    from keras_insightface.training.loop import EpochLoop
+
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="sgd")
+    losses_by_step = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, float("nan"), 8.0])
+    saved, clock = [], iter(range(0, 10**6, 60)).__next__  # a minute passes at each look at the clock
+    guard = preemption.Preemption(lambda *at: saved.append((at[0], at[1], dict(at[2]))), 0.5, clock=clock)
+    loop = EpochLoop()
+    loop.verbose = 0
+    callbacks = keras.callbacks.CallbackList([run_callbacks.NanLossGuard()], model=model)
+    run_steps = lambda iterator, num: {"loss": next(losses_by_step)}  # noqa: E731
+    loop.fit(model, run_steps, None, callbacks, (0, 3), 3, 8, start=(1, {"loss": 5.0}), interrupt=guard)
+    # epoch 0 resumed at step 1 (its first step's loss, 5.0, carried): saved after step 2 (step 3 ends the epoch);
+    # epoch 1 after steps 1 and 2; epoch 2 after step 1; its step 2 is NaN: training stops, nothing saved
+    assert saved == [(0, 2, {"loss": 6.0}), (1, 1, {"loss": 3.0}), (1, 2, {"loss": 7.0}), (2, 1, {"loss": 6.0})]
+    assert model.stop_training and next(losses_by_step) == 8.0

@@ -32,7 +32,8 @@ class EpochLoop:
                 totals[key] = totals.get(key, 0.0) + value * num
             callbacks.on_train_batch_end(step - 1, logs)
             progbar.update(step, [(key, totals[key] / step) for key in shown if key in totals])
-            if interrupt is not None and step < steps_per_epoch and interrupt.after_step(epoch, step, totals):
+            inside = step < steps_per_epoch and not model.stop_training  # a NaN step is never saved
+            if interrupt is not None and inside and interrupt.after_step(epoch, step, totals):
                 return {}, step, True
         return {key: value / max(step, 1) for key, value in totals.items()}, step, False
 
