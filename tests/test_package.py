@@ -147,7 +147,10 @@ def test_train_py_in_the_checkout_runs_the_demo_smoke_test_and_plot_py_draws_it(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     history = tmp_path / "checkpoints" / "smoke" / "demo_hist.json"
-    assert len(json.loads(history.read_text())["loss"]) == 1
+    assert (
+        len(json.loads(history.read_text())["loss"]) == 1
+        and (tmp_path / "checkpoints" / "smoke" / "demo_hist.png").exists()
+    )
     picture = tmp_path / "demo.png"
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "plot.py"), str(history), "-o", str(picture)],

@@ -20,7 +20,7 @@ from keras_insightface.nn import losses
 from keras_insightface.training import recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.py")))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "keras_insightface", "recipes", "*.py")))
 NEEDS_NO_DATA = [path for path in RECIPES if not path.endswith("demo.py")]  # the demo writes its data when loaded
 
 
@@ -99,8 +99,23 @@ def test_cli_reports_a_bad_recipe_in_one_line(tmp_path, capsys):
     assert "recipe not found" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", RECIPES, ids=lambda path: os.path.basename(path)[:-3])
+def test_config_finds_a_shipped_recipe_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    shipped = os.path.join(recipe.RECIPES_DIR, "demo.py")
+    assert (
+        recipe.find_recipe("demo") == recipe.find_recipe("recipes/demo.py") == recipe.find_recipe("demo.py") == shipped
+    )
+    (tmp_path / "demo.py").write_text("# the user's own\n")
+    assert recipe.find_recipe("demo.py") == "demo.py"  # a file that exists is the one meant
+    with pytest.raises(
+        FileNotFoundError, match=r"recipe not found: demoo \(shipped recipes: casia_mobilenet_distill, "
+    ):
+        recipe.find_recipe("demoo")
+    assert sorted(recipe.shipped_recipes()) == sorted(os.path.basename(path)[:-3] for path in RECIPES)
+
+
+@pytest.mark.slow  # the demo's smoke test runs as python train.py --demo --smoke (test_package)
+@pytest.mark.parametrize("path", NEEDS_NO_DATA, ids=lambda path: os.path.basename(path)[:-3])
 def test_every_shipped_recipe_runs_a_smoke_test(path, tmp_path, monkeypatch):
     """``--smoke``: each stage trains one epoch on demo data; the sub-center recipe then cleans the data and trains on."""
     monkeypatch.chdir(tmp_path)
@@ -110,7 +125,7 @@ def test_every_shipped_recipe_runs_a_smoke_test(path, tmp_path, monkeypatch):
         keras.mixed_precision.set_global_policy("float32")
     stem = os.path.basename(path)[:-3]
     history = json.load(open(tmp_path / "checkpoints" / "smoke" / f"{stem}_hist.json"))
-    stages_run = len(recipe.load_recipe(path).schedule) if stem != "demo" else 1
+    stages_run = len(recipe.load_recipe(path).schedule)
     if stem == "casia_mobilenet_subcenter_clean":
         stages_run *= 2  # the schedule again, on the cleaned data
         assert glob.glob(str(tmp_path / "*topK3_deg75.npz"))

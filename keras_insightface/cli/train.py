@@ -1,5 +1,7 @@
 """``keras-insightface train`` (``python train.py``): train from a recipe file, or run the demo."""
 
+import os
+
 from keras_insightface.cli.common import Parser, positive_float, positive_int
 
 
@@ -40,5 +42,6 @@ def main(argv=None, prog=None):
         path = recipe.shipped_recipe("demo") if args.demo else recipe.find_recipe(args.config)
         loaded = recipe.scale_epochs(recipe.load_recipe(path, overrides), args.epochs_scale)
         if args.smoke:
-            loaded = recipe.smoke_test(loaded, "checkpoints/smoke/data", "checkpoints/smoke")
+            smoke_dir = os.path.join("checkpoints", "smoke")
+            loaded = recipe.smoke_test(loaded, os.path.join(smoke_dir, "data"), smoke_dir)
         train.run_recipe(loaded)
