@@ -34,10 +34,12 @@ def one_batch(batch, classes, seed):
     return images, {data.LABEL_KEY: rng.choice(classes, size=batch, replace=False).astype("int32")}
 
 
-def built_stage(loss, classes, weights, partial_fc_rate=1.0, **options):
+def built_stage(loss, classes, weights, partial_fc_rate=1.0, output_weight_decay=0, **options):
     """A stage of a fresh basic model with the given start weights (model, then optimizer), SGD with momentum."""
     keras.utils.set_random_seed(0)
-    builder = stages.StageBuilder(basic_model(), classes=classes, partial_fc_rate=partial_fc_rate)
+    builder = stages.StageBuilder(
+        basic_model(), classes=classes, partial_fc_rate=partial_fc_rate, output_weight_decay=output_weight_decay
+    )
     stage = builder.build(loss, optimizer=keras.optimizers.SGD(0.1, momentum=0.9), **options)
     if weights is not None:
         head = stage.model.get_layer("arcface")
@@ -127,13 +129,14 @@ def step_mode(out_dir, train_dir, bin_path):
 
 # ---------------------------------------------------------------------------------------------- partial FC
 def partial_mode(out_dir, train_dir, bin_path):
-    """One Partial FC step on 8 shards (1024 classes, 2 sub-centers, rate 0.25: 32 classes per shard) against a
-    one-device computation of the same sampled classes: the loss, the gradient by JAX on one device, the momentum
-    update in numpy on the sampled rows only."""
-    classes, rate, top_k, lr = 1024, 0.25, 2, 0.1
+    """One Partial FC step on 8 shards (1024 classes, 2 sub-centers, rate 0.25: 32 classes per shard, the head's L2
+    of 0.005) against a one-device computation of the same sampled classes: the loss, the gradient by JAX on one
+    device, the momentum update in numpy on the sampled rows only."""
+    classes, rate, top_k, lr, l2 = 1024, 0.25, 2, 0.1, 0.005
     images, targets = one_batch(16, classes, seed=2)
     keras.distribution.set_distribution(sharding.head_distribution(True, rate))
-    stage = built_stage(losses.ArcfaceLoss(scale=16), classes, None, partial_fc_rate=rate, lossTopK=top_k)
+    options = dict(partial_fc_rate=rate, output_weight_decay=2 * l2, lossTopK=top_k)
+    stage = built_stage(losses.ArcfaceLoss(scale=16), classes, None, **options)
     head = stage.partial_fc_head
     slot = next(var for var in stage.optimizer.variables if var.shape == head.kernel.shape)
     slot.assign(np.random.default_rng(3).normal(size=slot.shape).astype("float32"))  # a dense update would decay it
@@ -152,7 +155,7 @@ def partial_mode(out_dir, train_dir, bin_path):
 
     def loss_of_rows(centers):
         cosines = heads.cosines_of_centers(head, embeddings, centers)
-        return keras.ops.mean(losses.ArcfaceLoss(scale=16).call(remapped, cosines))
+        return keras.ops.mean(losses.ArcfaceLoss(scale=16).call(remapped, cosines)) + l2 * keras.ops.sum(centers**2)
 
     loss, gradient = jax.value_and_grad(loss_of_rows)(kernel0[rows])
     want_slot, want_kernel = slot0.copy(), kernel0.copy()
@@ -172,13 +175,15 @@ def partial_mode(out_dir, train_dir, bin_path):
 
 # ---------------------------------------------------------------------------------------------- runs
 def demo_run(train_dir, bin_path, save_path, sharded_head):
-    """A short ArcFace run on the small demo set (no augmentation, seeded shuffling); its history."""
+    """A short ArcFace run with center-loss and triplet outputs on the small demo set (no augmentation, seeded
+    shuffling); its history."""
     keras.utils.set_random_seed(0)
     tt = train.Train(
         train_dir, save_path, [bin_path], basic_model=tiny_basic_model(), batch_size=16, lr_base=0.01,
-        random_status=-1, seed=0, verbose=0, plot_history=False, sharded_head=sharded_head,
+        random_status=-1, seed=0, verbose=0, plot_history=False, resume=False, sharded_head=sharded_head,
     )  # fmt: skip
-    return tt.train([{"loss": losses.ArcfaceLoss(scale=16), "optimizer": "adam", "epoch": 3}], 0)
+    stage = {"loss": losses.ArcfaceLoss(scale=16), "optimizer": "adam", "centerloss": 0.01, "triplet": 0.1}
+    return tt.train([dict(stage, epoch=3)], 0)
 
 
 def demo_mode(out_dir, train_dir, bin_path):
@@ -188,7 +193,8 @@ def demo_mode(out_dir, train_dir, bin_path):
     for sharded_head in (True, False):
         history = demo_run(train_dir, bin_path, f"{out_dir}/demo_{sharded_head}.keras", sharded_head)
         keras.distribution.set_distribution(None)
-        runs["sharded" if sharded_head else "replicated"] = {key: history[key] for key in ("loss", "accuracy", name)}
+        keys = ("loss", "accuracy", "center_embedding_loss", "triplet_embedding_loss", name)
+        runs["sharded" if sharded_head else "replicated"] = {key: history[key] for key in keys}
     return runs
 
 

@@ -292,6 +292,11 @@ class PartialFCNormDense(NormDense):
         """``(cosines over this step's sampled classes, labels remapped to them)``; see ``partial_fc_logits``."""
         return partial_fc_logits(self, embeddings, labels, self.sample_rate, step, self.seed)
 
+    def partial_losses(self):
+        """The regularization of the centers a Partial FC step trains (a training step that calls ``partial_call``
+        instead of the layer adds it): the kernel regularizer's value, or nothing."""
+        return [] if self.kernel_regularizer is None else [self.kernel_regularizer(self.kernel)]
+
     def get_config(self):
         config = super().get_config()
         config.update({"sample_rate": self.sample_rate, "seed": self.seed})

@@ -94,12 +94,11 @@ class JaxStepRunner(EpochLoop):
             trainable, non_trainable, images, training=True, return_losses=True
         )
         new_values = dict(zip(map(id, model.non_trainable_variables), non_trainable))
-        if stage.partial_fc_head is not None:
-            outputs = dict(outputs)
-            cosines, sampled = (partial_fc or stage.partial_fc_head).partial_call(
-                outputs.pop("partial_fc_embedding"), targets[data.LABEL_KEY], step
-            )
+        if stage.partial_fc_head is not None:  # its regularizer too: the head is not part of ``train_model``
+            head, outputs = partial_fc or stage.partial_fc_head, dict(outputs)
+            cosines, sampled = head.partial_call(outputs.pop("partial_fc_embedding"), targets[data.LABEL_KEY], step)
             outputs, targets = dict(outputs, arcface=cosines), dict(targets, **{data.LABEL_KEY: sampled})
+            model_losses = [*model_losses, *head.partial_losses()]
         return outputs, targets, new_values, model_losses
 
     def _loss_function(self, stage, classes, partial_fc=None):

@@ -39,8 +39,13 @@ def check_backend(sharded_head):
 
 
 class HeadParallel(keras.distribution.ModelParallel):
-    """``ModelParallel`` whose layout map splits the cosine head; a variable whose split axis does not divide over
-    its devices (a head of the other kind, loaded from a checkpoint to be replaced) is replicated instead."""
+    """``ModelParallel`` whose layout map splits the cosine head (``options``: the ``(sharded_head, partial FC)`` it
+    was made for); a variable whose split axis does not divide over its devices (a head of the other kind, loaded
+    from a checkpoint to be replaced) is replicated instead."""
+
+    def __init__(self, options, **kwargs):
+        super().__init__(**kwargs)
+        self.options = options
 
     def get_variable_layout(self, variable):
         layout = super().get_variable_layout(variable)
@@ -62,15 +67,16 @@ def head_distribution(sharded_head, partial_fc_rate=1.0, devices=None):
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map[f"{HEAD}/kernel"] = (MODEL, None) if partial_fc_rate < 1 else (None, MODEL)
     layout_map[f"{HEAD}/cosines"] = (BATCH, MODEL)
-    return HeadParallel(layout_map=layout_map, batch_dim_name=BATCH)
+    options = (split, partial_fc_rate < 1)
+    return HeadParallel(options, layout_map=layout_map, batch_dim_name=BATCH)
 
 
 def use_sharded_head(config):
-    """Set the global Keras distribution for a ``Train`` with ``sharded_head`` (kept when it is one already)."""
+    """Set the global Keras distribution for a ``Train`` with ``sharded_head`` (kept when it is that one already)."""
     current = keras.distribution.distribution()
-    if isinstance(current, HeadParallel):
-        return current
     distribution = head_distribution(config.sharded_head, config.partial_fc_rate)
+    if isinstance(current, HeadParallel) and current.options == distribution.options:
+        return current
     if current is not None:
         print(f">>>> sharded_head: the {type(current).__name__} distribution is replaced by the sharded head's")
     keras.distribution.set_distribution(distribution)
@@ -194,6 +200,11 @@ class ShardedPartialFC:
         """The head's output over this step's sampled classes (the ``rows``, already gathered); the labels were
         remapped by ``wrap``."""
         return heads.cosines_of_centers(self.head, embeddings, self.rows), labels
+
+    def partial_losses(self):
+        """The head's kernel regularizer on the gathered rows: weight decay of the sampled centers only."""
+        regularizer = self.head.kernel_regularizer
+        return [] if regularizer is None else [regularizer(self.rows)]
 
     def sample(self, labels, step):
         """``(columns, remapped labels)`` of the update's labels (see ``sharded_partial_fc.sample_shards``)."""
