@@ -122,9 +122,28 @@ def step_case(name, classes, batch):
     }
 
 
+def padded_head(classes=262_100):
+    """A head too big for Keras to initialize on one device first (it then initializes it sharded, in a jitted
+    function): 262,100 classes padded to 262,144; the real columns' spread, the padding columns."""
+    keras.distribution.set_distribution(sharding.head_distribution(True))
+    try:
+        head = heads.NormDense(classes, name="arcface")
+        head.build((None, EMB))
+        kernel = np.asarray(head.kernel.value)
+    finally:
+        keras.distribution.set_distribution(None)
+    return {
+        "shape": list(kernel.shape),
+        "per_device": per_device_bytes(head.kernel),
+        "real_std": float(kernel[:, :classes].std()),
+        "padding_max": float(np.abs(kernel[:, classes:]).max()),
+    }
+
+
 def step_mode(out_dir, train_dir, bin_path):
     classes, batch = 8192, one_batch(64, 8192, seed=1)
-    return {"devices": jax.device_count(), **{name: step_case(name, classes, batch) for name in STEP_CASES}}
+    cases = {name: step_case(name, classes, batch) for name in STEP_CASES}
+    return {"devices": jax.device_count(), **cases, "padded_head": padded_head()}
 
 
 # ---------------------------------------------------------------------------------------------- partial FC

@@ -85,6 +85,15 @@ def test_each_device_holds_an_eighth_of_the_head_and_its_momentum(eight_devices,
 
 
 @pytest.mark.slow
+def test_a_head_whose_classes_do_not_divide_is_padded_with_zero_classes(eight_devices):
+    """262,100 classes on 8 devices: 262,144 columns (a multiple of 128), 1/8 on each device; Glorot-normal real
+    columns (std sqrt(2 / (32 + 262,100))) and all-zero padding columns (Keras initializes a head this big sharded)."""
+    row = eight_devices["step"]["padded_head"]
+    assert row["shape"] == [32, 262_144] and row["per_device"] == [[32 * 262_144 * 4 // 8], 32 * 262_144 * 4]
+    assert row["padding_max"] == 0 and row["real_std"] == pytest.approx((2 / (32 + 262_100)) ** 0.5, rel=0.02)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case, top_k", [("arcface", 1), ("magface_subcenter", 3)])
 def test_the_step_never_holds_the_whole_batch_x_classes_cosines_on_a_device(eight_devices, case, top_k):
     """The compiled step's scratch memory per device is below one full ``64 x classes * K`` float32 matrix on 8

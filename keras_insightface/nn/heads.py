@@ -34,6 +34,20 @@ from keras_insightface.nn.tensor_utils import (
 CLASS_PAD = 128  # a class-sharded kernel holds a multiple of this many classes (and of its shard count)
 
 
+class PaddedGlorotNormal(keras.initializers.Initializer):
+    """The initializer of a padded kernel: Glorot-normal centers of the real classes (as without padding), zero
+    padding classes. They stay zero (no gradient reaches them, so no update or weight decay moves them) and add
+    nothing to a regularizer."""
+
+    def __init__(self, real_shape, class_axis):
+        self.real_shape, self.class_axis, self.glorot = tuple(real_shape), class_axis, keras.initializers.GlorotNormal()
+
+    def __call__(self, shape, dtype=None):
+        padding = [(0, 0), (0, 0)]
+        padding[self.class_axis] = (0, shape[self.class_axis] - self.real_shape[self.class_axis])
+        return keras.ops.pad(self.glorot(self.real_shape, dtype), padding)
+
+
 def head_layout(layer, tensor_name):
     """The active Keras distribution's layout of a head's ``<layer name>/<tensor_name>`` (``kernel``, ``cosines``), or
     None: no distribution, a data-parallel one, or a layout map without that entry."""
@@ -88,22 +102,10 @@ class NormDense(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=tuple(shape),
-            initializer="glorot_normal" if shape == real_shape else self._padded_initializer(real_shape),
+            initializer="glorot_normal" if shape == real_shape else PaddedGlorotNormal(real_shape, self.class_axis),
             regularizer=self.kernel_regularizer,
             trainable=True,
         )
-
-    def _padded_initializer(self, real_shape):
-        """Glorot-normal centers of the real classes (as without padding), zero padding classes: they stay zero
-        (no gradient reaches them, so no update or weight decay moves them) and add nothing to a regularizer."""
-        glorot = keras.initializers.GlorotNormal()
-
-        def initializer(shape, dtype=None):
-            padding = [(0, 0), (0, 0)]
-            padding[self.class_axis] = (0, shape[self.class_axis] - real_shape[self.class_axis])
-            return keras.ops.pad(glorot(real_shape, dtype), padding)
-
-        return initializer
 
     @property
     def is_padded(self):
