@@ -147,6 +147,24 @@ def step_mode(out_dir, train_dir, bin_path):
 
 
 # ---------------------------------------------------------------------------------------------- partial FC
+def partial_reference(embeddings, remapped, kernel, slot, rows, top_k, lr, l2):
+    """On one device, without the library's head: the ArcFace loss (scale 16) on the cosines of the sampled
+    ``rows`` (max over each class's ``top_k``) plus their L2, its gradient by JAX, and SGD with momentum 0.9 applied
+    in numpy to those rows only. Returns ``(loss, kernel, momentum)`` after the update."""
+    import jax.numpy as jnp
+
+    def loss_of_rows(centers):
+        normalized = [x / jnp.linalg.norm(x, axis=1, keepdims=True) for x in (embeddings, centers)]
+        cosines = (normalized[0] @ normalized[1].T).reshape(len(embeddings), -1, top_k).max(axis=2)
+        return jnp.mean(losses.ArcfaceLoss(scale=16).call(remapped, cosines)) + l2 * jnp.sum(centers**2)
+
+    loss, gradient = jax.value_and_grad(loss_of_rows)(kernel[rows])
+    want_slot, want_kernel = slot.copy(), kernel.copy()
+    want_slot[rows] = 0.9 * slot[rows] - lr * np.asarray(gradient)
+    want_kernel[rows] = kernel[rows] + want_slot[rows]
+    return float(loss), want_kernel, want_slot
+
+
 def partial_mode(out_dir, train_dir, bin_path):
     """One Partial FC step on 8 shards (1024 classes, 2 sub-centers, rate 0.25: 32 classes per shard, the head's L2
     of 0.005) against a one-device computation of the same sampled classes: the loss, the gradient by JAX on one
@@ -169,22 +187,15 @@ def partial_mode(out_dir, train_dir, bin_path):
     kernel1, slot1 = np.asarray(head.kernel.value), np.asarray(slot.value)
     keras.distribution.set_distribution(None)
     outputs = model.stateless_call(*values, [images], training=True)[0]
-    embeddings = np.asarray(outputs["partial_fc_embedding"])
-    rows = np.concatenate([columns[:, None] * top_k + np.arange(top_k)], axis=None).reshape(-1)
-
-    def loss_of_rows(centers):
-        cosines = heads.cosines_of_centers(head, embeddings, centers)
-        return keras.ops.mean(losses.ArcfaceLoss(scale=16).call(remapped, cosines)) + l2 * keras.ops.sum(centers**2)
-
-    loss, gradient = jax.value_and_grad(loss_of_rows)(kernel0[rows])
-    want_slot, want_kernel = slot0.copy(), kernel0.copy()
-    want_slot[rows] = 0.9 * slot0[rows] - lr * np.asarray(gradient)
-    want_kernel[rows] = kernel0[rows] + want_slot[rows]
+    rows = (columns[:, None] * top_k + np.arange(top_k)).reshape(-1)
+    loss, want_kernel, want_slot = partial_reference(
+        np.asarray(outputs["partial_fc_embedding"]), remapped, kernel0, slot0, rows, top_k, lr, l2
+    )
     return {
         "columns": columns.tolist(),
         "remapped": remapped.tolist(),
         "labels": targets["label"].tolist(),
-        "loss": [logs["loss"], float(loss)],
+        "loss": [logs["loss"], loss],
         "kernel_diff": relative(kernel1, want_kernel),
         "slot_diff": relative(slot1, want_slot),
         "changed_rows": np.flatnonzero(np.abs(kernel1 - kernel0).sum(1)).tolist(),
