@@ -9,14 +9,16 @@ Variants: ``replicated`` (``keras.distribution.DataParallel``: every device hold
 as without the option), ``replicated_pfc`` (the same with Partial FC 0.1, sampled over the whole head),
 ``sharded`` (``sharded_head=True``) and ``sharded_pfc`` (with Partial FC 0.1 on each shard). Steps of the variants
 alternate; medians. Memory per device: the head and its momentum from the arrays' addressable shards, and the step's
-peak from the compiled program (arguments + outputs - donated + scratch). A variant whose estimated footprint (the
-peak per device x 8) exceeds the memory available is not built: its figures are the estimate, marked ``fits: false``.
+peak from the compiled program (arguments + outputs - donated + scratch). The variants run in pairs (replicated and
+sharded, with and without Partial FC); one whose estimated footprint (the peak per device x 8) exceeds the memory
+available at that moment is not built: its figures are the estimate, marked ``fits: false``.
 ``largest``: per variant, the class count whose peak x 8 equals the memory available (the peak is affine in the class
 count: fitted through the two measured sizes, or through a size built only to measure it); ``--confirm`` then runs
 one step at 90 % of it.
 """
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -55,10 +57,10 @@ def backbone():
 
 
 def available_bytes():
-    """MemAvailable of this machine, less 2 GB for the process itself."""
+    """MemAvailable of this machine now, less 3 GB of margin (the process's own growth, other users' jobs)."""
     with open("/proc/meminfo") as ff:
         fields = dict(line.split(":") for line in ff)
-    return int(fields["MemAvailable"].split()[0]) * 1024 - 2 * 2**30
+    return int(fields["MemAvailable"].split()[0]) * 1024 - 3 * 2**30
 
 
 class Built:
@@ -107,16 +109,19 @@ def estimate(variant, classes, measured):
     return (6 * classes * EMB * 4 + 4 * BATCH * classes * 4) // share
 
 
-def measure(classes, repeats, fits_in, measured):
-    """Median step seconds and memory of the variants that fit together, steps alternating; the others' estimates."""
-    built, rows, used = {}, {}, 0
-    for variant in VARIANTS:
+PAIRS = (("replicated", "sharded"), ("replicated_pfc", "sharded_pfc"))  # alive together, steps alternating
+
+
+def measure_pair(pair, classes, repeats, measured):
+    """Median step seconds and memory of the variants of ``pair`` that fit in the memory available now, their steps
+    alternating; estimates for the others."""
+    built, rows = {}, {}
+    for variant in pair:
         need = estimate(variant, classes, measured) * 8
-        if used + need > fits_in:
+        if need > available_bytes():
             rows[variant] = {"fits": False, "estimated_peak_mb_per_device": round(need / 8 / 2**20)}
             continue
         built[variant] = Built(variant, classes)
-        used += built[variant].peak * 8
         built[variant].run()  # the first run allocates the outputs
     times = {variant: [] for variant in built}
     for _ in range(repeats):
@@ -130,6 +135,15 @@ def measure(classes, repeats, fits_in, measured):
             "step_peak_mb_per_device": round(one.peak / 2**20, 1),
             "peak_bytes": one.peak,
         }
+    return rows
+
+
+def measure(classes, repeats, measured):
+    """Every variant at ``classes``, pair by pair (a pair's arrays are freed before the next is built)."""
+    rows = {}
+    for pair in PAIRS:
+        rows.update(measure_pair(pair, classes, repeats, measured))
+        gc.collect()
     return rows
 
 
@@ -182,10 +196,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.paper:
         return print(json.dumps(paper_table()))
-    fits_in, load = available_bytes(), os.getloadavg()
+    fits_in, load = available_bytes() + 3 * 2**30, os.getloadavg()  # what the 8 devices may use in all
     results = {}
     for classes in sorted(args.classes):
-        results[classes] = measure(classes, args.repeats, fits_in, results)
+        results[classes] = measure(classes, args.repeats, results)
     biggest = {variant: largest(results, variant, fits_in) for variant in VARIANTS}
     confirmed = {}
     if args.confirm:

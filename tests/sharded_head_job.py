@@ -204,24 +204,32 @@ def partial_mode(out_dir, train_dir, bin_path):
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def demo_run(train_dir, bin_path, save_path, sharded_head):
+def demo_run(train_dir, bin_path, save_path, sharded_head, centers):
     """A short ArcFace run with center-loss and triplet outputs on the small demo set (no augmentation, seeded
-    shuffling); its history."""
+    shuffling); its history. The head starts from ``centers`` when given (else they are recorded there): a padded
+    head draws its own initial centers."""
     keras.utils.set_random_seed(0)
     tt = train.Train(
         train_dir, save_path, [bin_path], basic_model=tiny_basic_model(), batch_size=16, lr_base=0.01,
         random_status=-1, seed=0, verbose=0, plot_history=False, resume=False, sharded_head=sharded_head,
     )  # fmt: skip
+
+    def same_start(logs):
+        head = tt.model.get_layer("arcface")
+        if not centers:
+            centers.append(head.class_centers())
+        head.kernel.assign(_padded_like(centers[0].T, head))
+
+    tt.custom_callbacks.append(keras.callbacks.LambdaCallback(on_train_begin=same_start))
     stage = {"loss": losses.ArcfaceLoss(scale=16), "optimizer": "adam", "centerloss": 0.01, "triplet": 0.1}
     return tt.train([dict(stage, epoch=3)], 0)
 
 
 def demo_mode(out_dir, train_dir, bin_path):
     """The demo run sharded over 8 devices (its 12 classes padded to 128), then replicated on one."""
-    name = os.path.splitext(os.path.basename(bin_path))[0]
-    runs = {}
+    name, centers, runs = os.path.splitext(os.path.basename(bin_path))[0], [], {}
     for sharded_head in (True, False):
-        history = demo_run(train_dir, bin_path, f"{out_dir}/demo_{sharded_head}.keras", sharded_head)
+        history = demo_run(train_dir, bin_path, f"{out_dir}/demo_{sharded_head}.keras", sharded_head, centers)
         keras.distribution.set_distribution(None)
         keys = ("loss", "accuracy", "center_embedding_loss", "triplet_embedding_loss", name)
         runs["sharded" if sharded_head else "replicated"] = {key: history[key] for key in keys}

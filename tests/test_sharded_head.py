@@ -137,7 +137,7 @@ def test_a_short_sharded_run_reaches_the_replicated_runs_accuracy(eight_devices)
         np.testing.assert_allclose(sharded[key], replicated[key], rtol=1e-4)
     np.testing.assert_allclose(sharded["accuracy"], replicated["accuracy"], atol=1 / 112)  # one image of an epoch
     np.testing.assert_allclose(sharded["demo_eval"], replicated["demo_eval"], atol=0.01)
-    assert sharded["accuracy"][-1] > 2 / 12 and sharded["loss"][-1] < sharded["loss"][0]  # it learns
+    assert sharded["accuracy"][-1] > 1.5 / 12 and sharded["loss"][-1] < sharded["loss"][0]  # it learns (chance: 1/12)
 
 
 # ---------------------------------------------------------------------------------------------- 8 -> 4 -> 1

@@ -35,17 +35,20 @@ CLASS_PAD = 128  # a class-sharded kernel holds a multiple of this many classes 
 
 
 class PaddedGlorotNormal(keras.initializers.Initializer):
-    """The initializer of a padded kernel: Glorot-normal centers of the real classes (as without padding), zero
-    padding classes. They stay zero (no gradient reaches them, so no update or weight decay moves them) and add
-    nothing to a regularizer."""
+    """The initializer of a padded kernel: the real classes' centers Glorot-normal as without padding (the standard
+    deviation of the real shape), the padding classes zero. They stay zero (no gradient reaches them, so no update
+    or weight decay moves them) and add nothing to a regularizer. Drawn at the padded shape and masked, elementwise:
+    Keras initializes a big kernel on its devices, each drawing its own rows."""
 
     def __init__(self, real_shape, class_axis):
-        self.real_shape, self.class_axis, self.glorot = tuple(real_shape), class_axis, keras.initializers.GlorotNormal()
+        self.real_shape, self.class_axis = tuple(real_shape), class_axis
 
     def __call__(self, shape, dtype=None):
-        padding = [(0, 0), (0, 0)]
-        padding[self.class_axis] = (0, shape[self.class_axis] - self.real_shape[self.class_axis])
-        return keras.ops.pad(self.glorot(self.real_shape, dtype), padding)
+        scale = sum(shape) / sum(self.real_shape)  # Glorot's fans are the shape's two sizes
+        values = keras.initializers.VarianceScaling(scale, "fan_avg", "truncated_normal")(shape, dtype)
+        real = keras.ops.arange(shape[self.class_axis]) < self.real_shape[self.class_axis]
+        real = keras.ops.expand_dims(real, 1 - self.class_axis)
+        return keras.ops.where(real, values, keras.ops.zeros((), values.dtype))
 
 
 def head_layout(layer, tensor_name):

@@ -6,7 +6,9 @@ of ``steps_per_execution`` steps and writes them back after it, so callbacks, ev
 model as on TensorFlow. Data parallelism is JAX's SPMD: with several devices, set
 ``keras.distribution.set_distribution(keras.distribution.DataParallel())`` before building the model (variables are
 replicated); each global batch is then laid out over the devices along its first axis, and the jitted step computes
-the global-batch mean exactly as one device would. ``tf.data`` still feeds the step, as NumPy.
+the global-batch mean exactly as one device would. ``tf.data`` still feeds the step, as NumPy. With
+``Train(sharded_head=...)`` the distribution splits the cosine head's classes over the devices instead of replicating
+it (``sharding``); a Partial FC head so split updates only its sampled rows (``sharding.ShardedPartialFC``).
 """
 
 import contextlib
