@@ -147,7 +147,7 @@ class ShardedPartialFC:
     """
 
     def __init__(self, stage, distribution, classes_per_shard, count):
-        self.head, self.optimizer_of_kernel = stage.partial_fc_head, stage.optimizer
+        self.head = stage.partial_fc_head
         self.mesh = distribution.device_mesh.backend_mesh
         self.num_shards = distribution.device_mesh.shape[1]
         self.classes_per_shard, self.count = classes_per_shard, count
