@@ -81,11 +81,7 @@ def _layer(module):
 
 
 def test_every_import_inside_the_package_names_the_package():
-    bare_names = {name.split(".")[-1] for name in MODULES if name != PACKAGE} | {
-        "backbones",
-        "myCallbacks",
-        "IJB_evals",
-    }
+    bare_names = {name.split(".")[-1] for name in MODULES if name != PACKAGE} | {"backbones", "myCallbacks", "IJB_evals"}
     bare = []
     for path in PACKAGE_FILES:
         for node in ast.walk(_tree(path)):
