@@ -182,11 +182,12 @@ class ShardedPartialFC:
     def _slot_indices(self, optimizer, kernel):
         """Positions of the kernel's slots in ``optimizer.variables``: where the copy's variable has the rows' shape."""
         mine, theirs = optimizer.variables, self.optimizer.variables
-        if len(mine) != len(theirs):
-            raise ValueError(f"{type(optimizer).__name__}: its copy for the sampled rows has other variables")
         indices = [index for index, (old, new) in enumerate(zip(mine, theirs)) if old.shape != new.shape]
-        if any(mine[index].shape != kernel.shape for index in indices):
-            raise ValueError(f"{type(optimizer).__name__}: its copy for the sampled rows has other variables")
+        if len(mine) != len(theirs) or any(mine[index].shape != kernel.shape for index in indices):
+            raise ValueError(
+                f"Partial FC on a sharded head needs an optimizer whose slots have their variable's shape (SGD, Adam, "
+                f"...); {type(optimizer).__name__}'s do not"
+            )
         return indices
 
     def variable_lists(self, lists):
