@@ -514,11 +514,11 @@ def test_center_loss_gradient_only_through_embeddings():
     np.testing.assert_allclose(gradient, embeddings / 2, rtol=1e-6)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX training step: jax.jit over a StatelessScope")
-def test_center_loss_in_a_stateless_scope_under_jax_jit_matches_numpy():
-    """What a JAX training step does: the centers' value goes in, the loss and the assigned centers come out."""
-    import jax
-
+JAX_STEP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, keras
+    from keras_insightface.nn import losses
     loss = losses.CenterLoss(num_classes=5, emb_shape=4, alpha=0.5)
 
     @jax.jit
@@ -527,15 +527,31 @@ def test_center_loss_in_a_stateless_scope_under_jax_jit_matches_numpy():
             value = loss(labels, embeddings)
         return value, scope.get_current_value(loss.centers)
 
-    batches = center_batches(23)
     centers, values = loss.centers.value, []
-    for labels, embeddings in batches:
-        value, centers = step(labels, embeddings, centers)
+    for labels, embeddings in json.loads(sys.stdin.read()):
+        value, centers = step(jax.numpy.asarray(labels, "int32"), jax.numpy.asarray(embeddings), centers)
         values.append(float(value))
+    out = {"values": values, "centers": centers.tolist(), "variable": loss.centers.numpy().tolist()}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_center_loss_in_a_stateless_scope_under_jax_jit_matches_numpy():
+    """What a JAX training step does: the centers' value goes in, the loss and the assigned centers come out. Run in
+    a JAX process whatever the suite's backend, so it runs (and is never skipped) in the one test command."""
+    batches = center_batches(23)
+    env = dict(os.environ, PYTHONPATH=REPO, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    payload = json.dumps([[labels.tolist(), embeddings.tolist()] for labels, embeddings in batches])
+    command = [sys.executable, "-c", JAX_STEP_SCRIPT]
+    proc = subprocess.run(command, input=payload, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT")[-1])
     expected_centers, expected_losses = np_center_steps(np.zeros((5, 4)), batches, 0.5)
-    np.testing.assert_allclose(values, expected_losses, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(centers), expected_centers, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(loss.centers.numpy(), np.zeros((5, 4)))  # the variable itself is untouched
+    np.testing.assert_allclose(result["values"], expected_losses, rtol=1e-5)
+    np.testing.assert_allclose(result["centers"], expected_centers, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(result["variable"], np.zeros((5, 4)))  # the variable itself is untouched
 
 
 DISTRIBUTED_SCRIPT = textwrap.dedent(

@@ -22,6 +22,12 @@ from keras_insightface.training import recipe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "keras_insightface", "recipes", "*.py")))
 NEEDS_NO_DATA = [path for path in RECIPES if not path.endswith("demo.py")]  # the demo writes its data when loaded
+SHARDED = {"glint360k_r100_sharded_partial_fc.py"}  # sharded_head=True: JAX only
+
+
+def refused_here(path):
+    """A sharded recipe on a backend other than JAX: it must stop with the one-line error."""
+    return os.path.basename(path) in SHARDED and keras.backend.backend() != "jax"
 
 
 def _write(path, text):
@@ -52,8 +58,13 @@ def test_shipped_recipes_load_with_their_names_and_losses():
         "glint360k_r100_partial_fc.py",
         "casia_mobilenet_distill.py",
         "casia_mobilenet_subcenter_clean.py",
+        *SHARDED,
     }
     for path in NEEDS_NO_DATA:
+        if refused_here(path):
+            with pytest.raises(recipe.RecipeError, match=r"train_kwargs: sharded_head=True needs the JAX backend"):
+                recipe.load_recipe(path)
+            continue
         loaded = recipe.load_recipe(path)
         assert loaded.schedule and all(isinstance(stage["loss"], keras.losses.Loss) for stage in loaded.schedule)
         assert loaded.train_kwargs["save_path"].endswith(".keras") and callable(loaded.basic_model)
@@ -116,9 +127,16 @@ def test_config_finds_a_shipped_recipe_by_name_from_any_folder(tmp_path, monkeyp
 
 @pytest.mark.slow  # the demo's smoke test runs as python train.py --demo --smoke (test_package)
 @pytest.mark.parametrize("path", NEEDS_NO_DATA, ids=lambda path: os.path.basename(path)[:-3])
-def test_every_shipped_recipe_runs_a_smoke_test(path, tmp_path, monkeypatch):
-    """``--smoke``: each stage trains one epoch on demo data; the sub-center recipe then cleans the data and trains on."""
+def test_every_shipped_recipe_runs_a_smoke_test(path, tmp_path, monkeypatch, capsys):
+    """``--smoke``: each stage trains one epoch on demo data; the sub-center recipe then cleans the data and trains on.
+    A sharded recipe on TensorFlow stops in one line naming the JAX backend (its JAX run is the test below)."""
     monkeypatch.chdir(tmp_path)
+    if refused_here(path):
+        assert utils.run_main(train_cli.main, ["--config", path, "--smoke"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "sharded_head=True needs the JAX backend (KERAS_BACKEND=jax)" in lines[0]
+        assert not os.path.exists(tmp_path / "checkpoints" / "smoke" / "data")  # stopped before any work
+        return
     try:
         train_cli.main(["--config", path, "--smoke"])
     finally:
@@ -131,6 +149,24 @@ def test_every_shipped_recipe_runs_a_smoke_test(path, tmp_path, monkeypatch):
         assert glob.glob(str(tmp_path / "*topK3_deg75.npz"))
     assert len(history["loss"]) == stages_run and np.isfinite(history["loss"]).all()
     assert os.path.exists(tmp_path / "checkpoints" / "smoke" / f"{stem}_hist.png")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SHARDED))
+def test_a_sharded_recipe_passes_its_smoke_test_on_8_jax_host_devices(name, tmp_path):
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+    )
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", name, "--smoke"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Sharded head: classes split over 8 devices" in done.stdout
+    history = json.load(open(tmp_path / "checkpoints" / "smoke" / f"{name[:-3]}_hist.json"))
+    assert len(history["loss"]) == 1 and np.isfinite(history["loss"]).all()
 
 
 @pytest.mark.slow

@@ -7,11 +7,19 @@ of the kernel.
 
 Computed with ``keras.ops``: runs on the TensorFlow and JAX backends. TensorFlow-only fast path: the sparse read of
 the sampled centers (``IndexedSlices`` gradient, see ``tensor_utils.gather_rows``) that the lazy optimizers apply.
+
+Sharding (JAX, ``keras.distribution.ModelParallel``): when the active distribution's layout map splits a head's
+``<name>/kernel`` along its class axis, the kernel holds a few padding classes so that every device gets the same
+number of rows (a multiple of ``CLASS_PAD``, the same on 1, 2, 4 ... 128 devices, so a checkpoint and its optimizer
+slots load on any of them), the padding is sliced off before any output, a saved model holds only the real classes,
+and the cosines are laid out as the map's ``<name>/cosines`` entry says (classes split over the devices): the full
+``batch x classes`` matrix never lives on one device. Without such a layout nothing changes.
 """
 
 import math
 
 import keras
+import numpy as np
 
 from keras_insightface.nn.tensor_utils import (
     checked_labels,
@@ -23,6 +31,51 @@ from keras_insightface.nn.tensor_utils import (
     register,
 )
 
+CLASS_PAD = 128  # a class-sharded kernel holds a multiple of this many classes (and of its shard count)
+
+
+class PaddedGlorotNormal(keras.initializers.Initializer):
+    """The initializer of a padded kernel: the real classes' centers Glorot-normal as without padding (the standard
+    deviation of the real shape), the padding classes zero. They stay zero (no gradient reaches them, so no update
+    or weight decay moves them) and add nothing to a regularizer. Drawn at the padded shape and masked, elementwise:
+    Keras initializes a big kernel on its devices, each drawing its own rows."""
+
+    def __init__(self, real_shape, class_axis):
+        self.real_shape, self.class_axis = tuple(real_shape), class_axis
+
+    def __call__(self, shape, dtype=None):
+        scale = sum(shape) / sum(self.real_shape)  # Glorot's fans are the shape's two sizes
+        values = keras.initializers.VarianceScaling(scale, "fan_avg", "truncated_normal")(shape, dtype)
+        real = keras.ops.arange(shape[self.class_axis]) < self.real_shape[self.class_axis]
+        real = keras.ops.expand_dims(real, 1 - self.class_axis)
+        return keras.ops.where(real, values, keras.ops.zeros((), values.dtype))
+
+
+def head_layout(layer, tensor_name):
+    """The active Keras distribution's layout of a head's ``<layer name>/<tensor_name>`` (``kernel``, ``cosines``), or
+    None: no distribution, a data-parallel one, or a layout map without that entry."""
+    distribution = keras.distribution.distribution()
+    return None if distribution is None else distribution.get_tensor_layout(f"{layer.name}/{tensor_name}")
+
+
+def laid_out_cosines(layer, cosines):
+    """``cosines`` laid out as the distribution's ``<name>/cosines`` entry says (inside a jitted step: a sharding
+    constraint, so the class axis stays split over the devices); unchanged without one."""
+    layout = head_layout(layer, "cosines")
+    return cosines if layout is None else keras.distribution.distribute_tensor(cosines, layout)
+
+
+def padded_units(layer):
+    """How many classes the head's kernel holds: ``units``, or, when the distribution's layout splits the kernel's
+    class axis over ``n`` devices, ``units`` rounded up to a multiple of ``lcm(CLASS_PAD, n)``."""
+    layout = head_layout(layer, "kernel")
+    mesh_axis = None if layout is None else layout.axes[layer.class_axis]
+    if mesh_axis is None:
+        return layer.units
+    mesh = layout.device_mesh
+    multiple = math.lcm(CLASS_PAD, mesh.shape[mesh.axis_names.index(mesh_axis)])
+    return -(-layer.units // multiple) * multiple
+
 
 @register
 class NormDense(keras.layers.Layer):
@@ -31,8 +84,11 @@ class NormDense(keras.layers.Layer):
     ``loss_top_k > 1`` is sub-center ArcFace (Deng et al. 2020): ``K`` centers per class, columns class-major,
     output the max over the K cosines. ``append_norm=True`` (MagFace / AdaFace) appends a last column holding
     ``-||x||``: negated so that argmax-based accuracy metrics never pick it; ``split_norm_column`` undoes it.
-    Always computes in float32, also under a mixed-precision policy.
+    Always computes in float32, also under a mixed-precision policy. Under a class-sharded layout (see the module
+    docstring) the kernel holds padding classes, never seen outside the layer.
     """
+
+    class_axis = 1  # the kernel's axis of the (sub-)class centers
 
     def __init__(self, units=1000, kernel_regularizer=None, loss_top_k=1, append_norm=False, **kwargs):
         kwargs.pop("dtype", None)
@@ -43,24 +99,54 @@ class NormDense(keras.layers.Layer):
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
 
     def build(self, input_shape):
+        real_shape, shape = [input_shape[-1]] * 2, [input_shape[-1]] * 2
+        real_shape[self.class_axis] = self.units * self.loss_top_k
+        shape[self.class_axis] = padded_units(self) * self.loss_top_k
         self.kernel = self.add_weight(
             name="kernel",
-            shape=(input_shape[-1], self.units * self.loss_top_k),
-            initializer="glorot_normal",
+            shape=tuple(shape),
+            initializer="glorot_normal" if shape == real_shape else PaddedGlorotNormal(real_shape, self.class_axis),
             regularizer=self.kernel_regularizer,
             trainable=True,
         )
 
+    @property
+    def is_padded(self):
+        return self.kernel.shape[self.class_axis] != self.units * self.loss_top_k
+
+    def real_kernel(self):
+        """The kernel without its padding classes (the kernel itself when it has none)."""
+        if not self.is_padded:
+            return self.kernel
+        columns = self.units * self.loss_top_k
+        return self.kernel[:, :columns] if self.class_axis == 1 else self.kernel[:columns]
+
     def call(self, inputs):
         inputs = keras.ops.cast(inputs, "float32")
         norm_inputs = l2_normalize(inputs, axis=1)
-        norm_kernel = l2_normalize(self.kernel, axis=0)
-        return class_cosines(self, inputs, keras.ops.matmul(norm_inputs, norm_kernel))
+        norm_kernel = l2_normalize(self.real_kernel(), axis=0)
+        return class_cosines(self, inputs, laid_out_cosines(self, keras.ops.matmul(norm_inputs, norm_kernel)))
 
     def class_centers(self):
         """The (sub-)class centers as a numpy array ``(units * loss_top_k, emb)``, class-major: row ``c * K + k`` is
         sub-center ``k`` of class ``c``. Not normalized."""
-        return keras.ops.convert_to_numpy(self.kernel).T
+        return keras.ops.convert_to_numpy(self.real_kernel()).T
+
+    def save_own_variables(self, store):
+        """A padded kernel is saved without its padding: the file is the one an unsharded head writes."""
+        if not self.is_padded:
+            return super().save_own_variables(store)
+        store["0"] = keras.ops.convert_to_numpy(self.real_kernel())
+
+    def load_own_variables(self, store):
+        """A saved kernel loads into a padded one (the padding classes start at zero: they are never used)."""
+        saved = store["0"] if len(store.keys()) == 1 else None
+        if saved is None or tuple(saved.shape) == tuple(self.kernel.shape):
+            return super().load_own_variables(store)
+        saved = saved[()]
+        padding = [(0, 0), (0, 0)]
+        padding[self.class_axis] = (0, self.kernel.shape[self.class_axis] - saved.shape[self.class_axis])
+        self.kernel.assign(np.pad(saved, padding))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.units + int(self.append_norm))
@@ -148,7 +234,7 @@ def _stateless_uniform(size, seed, step):
     raise NotImplementedError(f"Partial FC sampling needs the TensorFlow or JAX backend, not {keras.backend.backend()}")
 
 
-def _sub_center_columns(sampled, loss_top_k):
+def sub_center_columns(sampled, loss_top_k):
     """Kernel columns of the sampled classes: the ``loss_top_k`` class-major sub-centers of each, in order."""
     if loss_top_k == 1:
         return sampled
@@ -168,16 +254,21 @@ def partial_fc_logits(layer, embeddings, labels, sample_rate, step, seed=0):
     sampled, remapped = partial_fc_sample(labels, layer.units, sample_rate, step, seed)
     if sampled.shape[0] == layer.units:
         return layer(embeddings), remapped
-    inputs = float32(embeddings)
-    norm_inputs = l2_normalize(inputs, axis=1)
-    columns = _sub_center_columns(sampled, layer.loss_top_k)
+    columns = sub_center_columns(sampled, layer.loss_top_k)
     if getattr(layer, "class_major", False):
-        centers = l2_normalize(gather_rows(layer.kernel, columns), axis=1)
-        center_cosines = keras.ops.matmul(norm_inputs, keras.ops.transpose(centers))
+        centers = gather_rows(layer.kernel, columns)
     else:
-        centers = l2_normalize(keras.ops.take(layer.kernel, columns, axis=1), axis=0)
-        center_cosines = keras.ops.matmul(norm_inputs, centers)
-    return class_cosines(layer, inputs, center_cosines), remapped
+        centers = keras.ops.transpose(keras.ops.take(layer.kernel, columns, axis=1))
+    return cosines_of_centers(layer, embeddings, centers), remapped
+
+
+def cosines_of_centers(layer, embeddings, centers):
+    """The head's output over some of its (sub-)class centers, given as rows ``(S * K, emb)`` (class-major): the
+    cosines of the embeddings to them, laid out like the head's cosines, then ``class_cosines``."""
+    inputs = float32(embeddings)
+    norm_centers = keras.ops.transpose(l2_normalize(centers, axis=1))
+    cosines = keras.ops.matmul(l2_normalize(inputs, axis=1), norm_centers)
+    return class_cosines(layer, inputs, laid_out_cosines(layer, cosines))
 
 
 @register
@@ -189,35 +280,27 @@ class PartialFCNormDense(NormDense):
     ``sample_rate`` of the classes (``partial_fc_logits``). ``seed`` fixes the sampling sequence.
     """
 
-    class_major = True
+    class_major, class_axis = True, 0
 
     def __init__(self, units=1000, sample_rate=0.1, seed=0, **kwargs):
         super().__init__(units, **kwargs)
         partial_fc_num_sampled(self.units, sample_rate)  # validates the rate
         self.sample_rate, self.seed = float(sample_rate), int(seed)
 
-    def build(self, input_shape):
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(self.units * self.loss_top_k, input_shape[-1]),
-            initializer="glorot_normal",
-            regularizer=self.kernel_regularizer,
-            trainable=True,
-        )
-
     def call(self, inputs):
-        inputs = keras.ops.cast(inputs, "float32")
-        norm_kernel = l2_normalize(self.kernel, axis=1)
-        return class_cosines(
-            self, inputs, keras.ops.matmul(l2_normalize(inputs, axis=1), keras.ops.transpose(norm_kernel))
-        )
+        return cosines_of_centers(self, inputs, self.real_kernel())
 
     def class_centers(self):
-        return keras.ops.convert_to_numpy(self.kernel)  # stored class-major already
+        return keras.ops.convert_to_numpy(self.real_kernel())  # stored class-major already
 
     def partial_call(self, embeddings, labels, step):
         """``(cosines over this step's sampled classes, labels remapped to them)``; see ``partial_fc_logits``."""
         return partial_fc_logits(self, embeddings, labels, self.sample_rate, step, self.seed)
+
+    def partial_losses(self):
+        """The regularization of the centers a Partial FC step trains (a training step that calls ``partial_call``
+        instead of the layer adds it): the kernel regularizer's value, or nothing."""
+        return [] if self.kernel_regularizer is None else [self.kernel_regularizer(self.kernel)]
 
     def get_config(self):
         config = super().get_config()

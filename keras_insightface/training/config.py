@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 
 from keras_insightface.data import pipeline as data
-from keras_insightface.training import checks
+from keras_insightface.training import checks, sharding
 from keras_insightface.training.checks import boolean, either, integer, number, one_of, optional, path, sequence_of
 
 
@@ -31,6 +31,7 @@ class TrainConfig(data.PipelineOptions):
     jit_compile: bool = False
     mixed_precision: str | None = None  # "mixed_float16" / "mixed_bfloat16"
     partial_fc_rate: float = 1.0  # < 1: a Partial FC head samples this share of the classes per step
+    sharded_head: bool | int = False  # JAX: split the cosine head's classes over all (True) or n devices
     fast_kernels: bool = True  # fused batch norm, PReLU and momentum SGD kernels in the step (TensorFlow)
     gradient_accumulation_steps: int = 1  # > 1: each update sums the gradients of that many batches
     gradient_clip_norm: float | None = None  # clip the global norm of each update's gradient (all replicas)
@@ -43,6 +44,7 @@ class TrainConfig(data.PipelineOptions):
         checks.check_options(OPTION_RULES, dataclasses.asdict(self), what="Train option")
         if self.partial_fc_rate < 1 and self.mixup_alpha > 0:
             raise ValueError("partial_fc_rate < 1 does not support mixup_alpha > 0")
+        sharding.check_backend(self.sharded_head)
 
     @classmethod
     def from_options(cls, options):
@@ -82,6 +84,7 @@ OPTION_RULES = {
     "jit_compile": boolean,
     "mixed_precision": one_of(None, "mixed_float16", "mixed_bfloat16"),
     "partial_fc_rate": number(0, 1, low_open=True),
+    "sharded_head": either(boolean, integer(1)),
     "fast_kernels": boolean,
     "gradient_accumulation_steps": integer(1),
     "gradient_clip_norm": optional(number(0, low_open=True)),

@@ -6,17 +6,19 @@ of ``steps_per_execution`` steps and writes them back after it, so callbacks, ev
 model as on TensorFlow. Data parallelism is JAX's SPMD: with several devices, set
 ``keras.distribution.set_distribution(keras.distribution.DataParallel())`` before building the model (variables are
 replicated); each global batch is then laid out over the devices along its first axis, and the jitted step computes
-the global-batch mean exactly as one device would. ``tf.data`` still feeds the step, as NumPy.
+the global-batch mean exactly as one device would. ``tf.data`` still feeds the step, as NumPy. With
+``Train(sharded_head=...)`` the distribution splits the cosine head's classes over the devices instead of replicating
+it (``sharding``); a Partial FC head so split updates only its sampled rows (``sharding.ShardedPartialFC``).
 """
 
 import contextlib
 
 import jax
 import keras
-import numpy as np
 
 from keras_insightface.data import pipeline as data
 from keras_insightface.nn import losses
+from keras_insightface.training import sharding as head_sharding
 from keras_insightface.training.loop import EpochLoop
 
 
@@ -26,6 +28,11 @@ def _add(first, second):
 
 def _values(variables):
     return [variable.value for variable in variables]
+
+
+def _optimizer(stage, partial_fc):
+    """The optimizer the step runs: the stage's, or its copy for the sampled rows of a sharded Partial FC head."""
+    return stage.optimizer if partial_fc is None else partial_fc.optimizer
 
 
 def _assign(variables, values):
@@ -61,8 +68,7 @@ class JaxStepRunner(EpochLoop):
         batches = dataset.as_numpy_iterator()
         if distribution is None:
             return batches
-        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        sharding = head_sharding.batch_sharding(distribution, global_batch_size)
         if processes > 1:  # each process holds its own rows: assemble the global array from them
             put = lambda array: jax.make_array_from_process_local_data(sharding, array)  # noqa: E731
         else:
@@ -70,16 +76,18 @@ class JaxStepRunner(EpochLoop):
         return (jax.tree.map(put, batch) for batch in batches)
 
     # ------------------------------------------------------------------------------------------ the step
-    def _state_variables(self, stage):
-        """``(trainable, non-trainable, optimizer, loss-state)`` variable lists, in the step's state order."""
+    def _state_variables(self, stage, partial_fc=None):
+        """``(trainable, non-trainable, optimizer, loss-state)`` variable lists, in the step's state order (as the
+        sharded Partial FC's step sees them when ``partial_fc`` is given)."""
         loss_state = [variable for spec in stage.specs.values() for variable in losses.state_variables(spec.fn)]
         model = stage.model
-        return model.trainable_variables, model.non_trainable_variables, stage.optimizer.variables, loss_state
+        lists = model.trainable_variables, model.non_trainable_variables, stage.optimizer.variables, loss_state
+        return lists if partial_fc is None else partial_fc.variable_lists(lists)
 
-    def _forward(self, stage, values, images, targets):
-        """The stage's outputs on a batch from the given variable values; a Partial FC head computes cosines over
-        this step's sampled classes only, with the labels remapped to them. Returns (outputs, targets, non-trainable
-        values, regularization losses)."""
+    def _forward(self, stage, values, images, targets, step, partial_fc=None):
+        """The stage's outputs on a batch from the given variable values; a Partial FC head (or ``partial_fc``, the
+        head's sharded sampling) computes cosines over this step's sampled classes only, with the labels remapped to
+        them. Returns (outputs, targets, non-trainable values, regularization losses)."""
         model = stage.model if stage.partial_fc_head is None else stage.train_model
         by_id = dict(values)
         trainable = [by_id[id(variable)] for variable in model.trainable_variables]
@@ -88,27 +96,29 @@ class JaxStepRunner(EpochLoop):
             trainable, non_trainable, images, training=True, return_losses=True
         )
         new_values = dict(zip(map(id, model.non_trainable_variables), non_trainable))
-        if stage.partial_fc_head is not None:
-            outputs = dict(outputs)
-            cosines, sampled = stage.partial_fc_head.partial_call(
-                outputs.pop("partial_fc_embedding"), targets[data.LABEL_KEY], stage.optimizer.iterations
-            )
+        if stage.partial_fc_head is not None:  # its regularizer too: the head is not part of ``train_model``
+            head, outputs = partial_fc or stage.partial_fc_head, dict(outputs)
+            cosines, sampled = head.partial_call(outputs.pop("partial_fc_embedding"), targets[data.LABEL_KEY], step)
             outputs, targets = dict(outputs, arcface=cosines), dict(targets, **{data.LABEL_KEY: sampled})
+            model_losses = [*model_losses, *head.partial_losses()]
         return outputs, targets, new_values, model_losses
 
-    def _loss_function(self, stage, classes):
+    def _loss_function(self, stage, classes, partial_fc=None):
         """``f(trainable values, state, images, targets) -> (scaled loss, (logs, non-trainable values, loss state))``
         for ``jax.value_and_grad``. Every variable is mapped to its traced value in a ``keras.StatelessScope``, so the
-        loss's own state updates (``assign``) are recorded there instead of happening."""
-        trainable_vars, non_trainable_vars, optimizer_vars, loss_vars = self._state_variables(stage)
-        specs, shares = stage.specs, self.accumulation
+        loss's own state updates (``assign``) are recorded there instead of happening. ``partial_fc``: the sharded
+        Partial FC of the stage, whose variable lists and optimizer the step uses."""
+        trainable_vars, non_trainable_vars, optimizer_vars, loss_vars = self._state_variables(stage, partial_fc)
+        specs, shares, optimizer = stage.specs, self.accumulation, _optimizer(stage, partial_fc)
 
         def loss_function(trainable, non_trainable, optimizer_values, loss_values, images, targets):
             mapping = list(zip(trainable_vars, trainable)) + list(zip(non_trainable_vars, non_trainable))
             mapping += list(zip(optimizer_vars, optimizer_values)) + list(zip(loss_vars, loss_values))
             with keras.StatelessScope(state_mapping=mapping) as scope:
                 values = [(id(variable), value) for variable, value in mapping]
-                outputs, targets, new_values, model_losses = self._forward(stage, values, images, targets)
+                outputs, targets, new_values, model_losses = self._forward(
+                    stage, values, images, targets, optimizer.iterations, partial_fc
+                )
                 logs = {
                     name + "_loss": spec.value(targets, outputs[name], classes, shares) for name, spec in specs.items()
                 }
@@ -117,7 +127,7 @@ class JaxStepRunner(EpochLoop):
                     sum(keras.ops.cast(loss, "float32") for loss in model_losses) / shares if model_losses else 0.0
                 )
                 logs["loss"], logs["regular_loss"] = total + regular, keras.ops.convert_to_tensor(regular, "float32")
-                scaled = stage.optimizer.scale_loss(logs["loss"])
+                scaled = optimizer.scale_loss(logs["loss"])
                 new_loss_values = [scope.get_current_value(variable) for variable in loss_vars]
             if stage.accuracy_output:
                 predicted = keras.ops.argmax(outputs[stage.accuracy_output][:, :classes], axis=-1)
@@ -130,9 +140,8 @@ class JaxStepRunner(EpochLoop):
 
         return loss_function
 
-    def _clipped(self, stage, gradients, optimizer_values):
+    def _clipped(self, optimizer, gradients, optimizer_values):
         """Gradients scaled to a global norm of at most ``clip_norm``, measured on the unscaled gradient."""
-        optimizer = stage.optimizer
         scale = 1.0
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
@@ -143,8 +152,11 @@ class JaxStepRunner(EpochLoop):
 
     def _step(self, stage, classes):
         """The jitted update: for each of the ``accumulation`` batches forward, losses and gradients, summed; then
-        [clipping and] the optimizer's stateless update. ``state -> (new state, logs)``."""
-        grad_function = jax.value_and_grad(self._loss_function(stage, classes), has_aux=True)
+        [clipping and] the optimizer's stateless update. ``state -> (new state, logs)``. A class-sharded Partial FC
+        head updates only its sampled rows (``sharding.ShardedPartialFC``)."""
+        partial_fc = head_sharding.sharded_partial_fc(stage)
+        optimizer = _optimizer(stage, partial_fc)
+        grad_function = jax.value_and_grad(self._loss_function(stage, classes, partial_fc), has_aux=True)
 
         def step(state, batches):
             trainable, non_trainable, optimizer_values, loss_values = state
@@ -157,11 +169,11 @@ class JaxStepRunner(EpochLoop):
                 gradients = batch_gradients if gradients is None else jax.tree.map(_add, gradients, batch_gradients)
                 logs = batch_logs if logs is None else jax.tree.map(_add, logs, batch_logs)
             if self.clip_norm:
-                gradients = self._clipped(stage, gradients, optimizer_values)
-            trainable, optimizer_values = stage.optimizer.stateless_apply(optimizer_values, gradients, trainable)
+                gradients = self._clipped(optimizer, gradients, optimizer_values)
+            trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, gradients, trainable)
             return (trainable, non_trainable, optimizer_values, loss_values), logs
 
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(step if partial_fc is None else partial_fc.wrap(step), donate_argnums=0)
 
     def train_function(self, stage, classes):
         """``run_steps(iterator, num_steps)``: that many updates (each on ``accumulation`` batches) from the current
@@ -170,7 +182,7 @@ class JaxStepRunner(EpochLoop):
         step = self._step(stage, classes)
 
         def run_steps(iterator, num_steps):
-            state = tuple(_values(variables) for variables in variable_lists)
+            state = head_sharding.placed(tuple(_values(variables) for variables in variable_lists))
             sums = None
             try:
                 for _ in range(num_steps):

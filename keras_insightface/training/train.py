@@ -32,8 +32,10 @@ def make_runner(config):
     current ``tf.distribute`` strategy (one device, Mirrored or MultiWorkerMirrored)."""
     options = dict(accumulation=config.gradient_accumulation_steps, clip_norm=config.gradient_clip_norm)
     if keras.backend.backend() == "jax":
-        from keras_insightface.training import runner_jax
+        from keras_insightface.training import runner_jax, sharding
 
+        if config.sharded_head:
+            sharding.use_sharded_head(config)
         return runner_jax.JaxStepRunner(config.steps_per_execution, config.verbose, **options)
     strategy = tf.distribute.get_strategy()
     return runner.StepRunner(
