@@ -22,7 +22,7 @@ from keras_insightface.training import recipe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "keras_insightface", "recipes", "*.py")))
 NEEDS_NO_DATA = [path for path in RECIPES if not path.endswith("demo.py")]  # the demo writes its data when loaded
-SHARDED = {"glint360k_r100_sharded_partial_fc.py"}  # sharded_head=True: JAX only
+SHARDED = {"webface42m_mbf_sharded_partial_fc.py"}  # sharded_head=True: JAX only
 
 
 def refused_here(path):
