@@ -174,7 +174,7 @@ def test_files_that_are_not_state_dict_checkpoints_are_refused_in_one_line(tmp_p
     with pytest.raises(ValueError, match="TorchScript module"):
         models.load_model(str(tmp_path / "script.pt"))
     write_torch_checkpoint(tmp_path / "other.pth", {"encoder.weight": np.ones((2, 2), np.float32)})
-    with pytest.raises(ValueError, match="not an arcface_torch IResNet or MobileFaceNet"):
+    with pytest.raises(ValueError, match="not an arcface_torch IResNet, MobileFaceNet or ViT state dict"):
         models.load_model(str(tmp_path / "other.pth"))
 
 
