@@ -1,5 +1,6 @@
 """Face-recognition models trained with other tools, read as this library's own networks: insightface model-zoo
-ONNX graphs, arcface_torch checkpoints (``backbone.pth`` / ``model.pt``) and Keras_insightface ``.h5`` releases.
+ONNX graphs, arcface_torch checkpoints (``backbone.pth`` / ``model.pt``) and ONNX exports (IResNet, MobileFaceNet and
+its vision transformers) and Keras_insightface ``.h5`` releases.
 
 ``read_foreign_model(path)`` returns a :class:`ForeignModel`: the backbone built from ``backbones/`` with the
 file's depth, widths and input size (strided convolutions padded as PyTorch / MXNet do when the weights come from
