@@ -61,6 +61,7 @@ _PUBLIC = {  # module: the names it gives the package top
         "exp_scheduler",
         "ConstantDecayScheduler",
         "CosineLrScheduler",
+        "PolynomialScheduler",
         "MyHistory",
         "GentlyStop",
         "NanLossGuard",

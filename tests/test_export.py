@@ -266,3 +266,40 @@ def test_quantize_and_dequantize_by_hand():
     np.testing.assert_allclose(export.dequantize_output(np.array([-1, 5], np.int8), details), [1.0, 4.0])
     raw = {"quantization": (0.0, 0), "dtype": np.uint8}  # built-in preprocessing: raw pixels pass through
     np.testing.assert_array_equal(export.quantize_input(np.array([0, 17, 255]), raw), [0, 17, 255])
+
+
+@pytest.fixture(scope="module")
+def vit_model(demo):
+    """``vit_t``'s network at 48x48 (5x5 patches of 9 pixels, the last 3 pixels unused as 108 of 112 are), width 32,
+    2 blocks of 4 heads, its masking and drop-path layers in the graph; the feature head calibrated on demo faces."""
+    from keras_insightface.models import zoo as models
+
+    keras.utils.set_random_seed(0)
+    model = models.buildin_models("vit_t", input_shape=(SIZE, SIZE, 3), emb_shape=EMB, width=32, depth=2, num_heads=4)
+    return export.calibrate_batch_norm(model, seeds_normalize(demo["images"]))
+
+
+@pytest.mark.parametrize(
+    "format, quant, name, min_cosine",
+    [
+        pytest.param("onnx", None, "vit.onnx", 0.9999, marks=pytest.mark.slow),  # several seconds of conversion
+        pytest.param("tflite", "float16", "vit.tflite", 0.999, marks=pytest.mark.slow),
+        ("saved_model", None, "vit", 0.9999),
+    ],
+)
+def test_a_vit_exports_and_agrees_with_keras(vit_model, demo, tmp_path, format, quant, name, min_cosine):
+    if format == "onnx":
+        pytest.importorskip("tf2onnx")
+        pytest.importorskip("onnxruntime")
+    images = seeds_normalize(demo["images"])
+    reference = vit_model.predict(images, verbose=0)
+    dest = export.export_model(vit_model, tmp_path / name, format=format, quant=quant)
+    if format == "onnx":
+        outputs = export.onnx_predict(dest, images)
+    elif format == "tflite":
+        outputs = export.tflite_predict(dest, images)
+    else:
+        loaded = tf.saved_model.load(str(dest))  # keep a reference: ``serve`` only weakly holds the variables
+        outputs = loaded.serve(tf.constant(images)).numpy()
+    assert cosine(outputs, reference).min() >= min_cosine
+    assert_no_leftovers(tmp_path, keep=[name])

@@ -63,8 +63,8 @@ def _check_embedding(model, images, emb_shape):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", models.buildin_model_names())
-def test_every_buildin_name_builds(name):
+@pytest.mark.parametrize("name", [name for name in models.buildin_model_names() if not name.startswith("vit_")])
+def test_every_buildin_name_builds(name):  # the ViTs: test_vit.py
     model = models.buildin_models(name, emb_shape=8, input_shape=SMALL, output_layer="GDC")
     _check_embedding(model, IMAGES, 8)
 

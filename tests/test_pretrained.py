@@ -35,6 +35,7 @@ from pretrained_files import (
     write_keras2_h5,
     write_torch_checkpoint,
 )
+from vit_files import TINY_VIT, VitSpec, calibrated_vit, torch_vit_onnx, vit_forward
 
 from keras_insightface import utils
 from keras_insightface.cli import evals as evals_cli
@@ -173,7 +174,7 @@ def test_files_that_are_not_state_dict_checkpoints_are_refused_in_one_line(tmp_p
     with pytest.raises(ValueError, match="TorchScript module"):
         models.load_model(str(tmp_path / "script.pt"))
     write_torch_checkpoint(tmp_path / "other.pth", {"encoder.weight": np.ones((2, 2), np.float32)})
-    with pytest.raises(ValueError, match="not an arcface_torch IResNet or MobileFaceNet"):
+    with pytest.raises(ValueError, match="not an arcface_torch IResNet, MobileFaceNet or ViT state dict"):
         models.load_model(str(tmp_path / "other.pth"))
 
 
@@ -420,3 +421,80 @@ def test_command_line_converts_and_checks_against_onnxruntime(iresnet_onnx, tmp_
         == 2
     )
     assert "needs an .onnx source" in capsys.readouterr().err and not checkpoint_dest.exists()  # refused before work
+
+
+# ---------------------------------------------------------------------------------------------------------
+# arcface_torch vision transformers
+# ---------------------------------------------------------------------------------------------------------
+PTH_VIT = VitSpec(patch=8, heads=8)  # a state dict does not record the heads: arcface_torch's 8
+
+
+@pytest.fixture(scope="module")
+def vit_sd():
+    """A small arcface_torch ViT (32x32 input in 5x5 patches of 6 pixels, width 16, 2 blocks of 2 heads)."""
+    return calibrated_vit(np.random.default_rng(20), TINY_VIT, torch_style(probe_images(SIZE, seed=7)))
+
+
+def test_vit_checkpoint_matches_a_numpy_forward_pass(images, tmp_path):
+    sd = calibrated_vit(np.random.default_rng(21), PTH_VIT, torch_style(probe_images(SIZE, seed=7)))
+    path = write_torch_checkpoint(tmp_path / "vit.pth", sd, transposed=["feature.0.weight"])
+    model = models.load_model(str(path))
+    assert model.input_shape == (None, SIZE, SIZE, 3) and model.get_layer("block2_attn").num_heads == 8
+    np.testing.assert_array_equal(model.get_layer("mask_tokens").get_weights()[0], sd["mask_token"])
+    assert_same_embeddings(model.predict(ours(images), verbose=0), vit_forward(sd, torch_style(images), PTH_VIT))
+
+
+@pytest.mark.parametrize("opset, cast", [(11, False), (17, True)], ids=["opset11_decomposed", "opset17_folded"])
+def test_vit_export_graphs_match_onnxruntime(vit_sd, opset, cast, images, tmp_path):
+    """Opset 11: LayerNorm decomposed, reshape targets computed (any batch); opset 17: LayerNormalization nodes, the
+    export's batch of 1 folded into the targets (run one image at a time), ``.float()`` as Cast nodes. The input is
+    32x32, of which the 5x5 patches of 6 pixels read 30x30, as arcface_torch's 112 in patches of 9 reads 108."""
+    path = tmp_path / f"vit_{opset}.onnx"
+    path.write_bytes(torch_vit_onnx(vit_sd, TINY_VIT, opset, cast).SerializeToString())
+    inputs = torch_style(images)
+    reference = np.concatenate(
+        [onnxruntime_embeddings(path, inputs[index : index + 1]) for index in range(len(inputs))]
+    )
+    assert_same_embeddings(reference, vit_forward(vit_sd, inputs))  # the graph is the network
+    model = models.load_model(str(path))
+    assert model.input_shape == (None, SIZE, SIZE, 3) and model.get_layer("block1_attn").num_heads == 2
+    assert_same_embeddings(model.predict(ours(images), verbose=0), reference)
+
+
+def test_vit_parts_that_do_not_map_are_refused_naming_them(vit_sd, tmp_path):
+    import onnx
+
+    with_bias = dict(vit_sd, **{"blocks.0.attn.qkv.bias": np.zeros(48, np.float32)})
+    with pytest.raises(ValueError, match=r"layer 'block1_attn_qkv': weights of shapes \[\(16, 48\), \(48,\)\] in the"):
+        models.load_model(str(write_torch_checkpoint(tmp_path / "bias.pth", with_bias)))
+    model = torch_vit_onnx(vit_sd, TINY_VIT, 17)
+    clip = next(node for node in model.graph.node if node.op_type == "Clip")
+    clip.op_type, clip.input[:] = "Relu", clip.input[:1]
+    onnx.save(model, str(tmp_path / "relu.onnx"))
+    with pytest.raises(
+        ValueError, match=r"relu.onnx: expected ReLU6 \(a Clip\) after '.*', found '/Clip_\d+' \(Relu\)"
+    ):
+        models.load_model(str(tmp_path / "relu.onnx"))
+    model = torch_vit_onnx(vit_sd, TINY_VIT, 11)
+    products = {node.output[0] for node in model.graph.node if node.op_type == "MatMul"}
+    scale = next(node for node in model.graph.node if node.op_type == "Mul" and node.input[0] in products)
+    scale.input[1] = next(node.output[0] for node in model.graph.node if node.op_type == "Constant")  # 2.0
+    onnx.save(model, str(tmp_path / "scale.onnx"))
+    with pytest.raises(ValueError, match=r"scale.onnx: blocks.0.attn: attention scale 2, not 0.353553"):
+        models.load_model(str(tmp_path / "scale.onnx"))
+
+
+def test_a_vit_checkpoint_fine_tunes_a_built_vit_and_converts_from_the_command_line(vit_sd, images, tmp_path, capsys):
+    """``pretrained=``: the weights go into ``buildin_models("vit_t", ...)`` of the same size, masking and drop path
+    on for fine-tuning and idle at inference; ``keras-insightface pretrained`` converts the ONNX export, checked."""
+    path = str(write_torch_checkpoint(tmp_path / "vit.pth", vit_sd))
+    built = models.buildin_models(
+        "vit_t", input_shape=(SIZE, SIZE, 3), emb_shape=8, width=16, depth=2, num_heads=2, patch_size=6
+    )
+    models.load_weights(built, path)
+    assert built.get_layer("patch_masking").mask_ratio == 0.1 and built.get_layer("pre_embedding").epsilon == 2e-5
+    assert_same_embeddings(built.predict(ours(images), verbose=0), vit_forward(vit_sd, torch_style(images)))
+    onnx_path = tmp_path / "vit.onnx"
+    onnx_path.write_bytes(torch_vit_onnx(vit_sd).SerializeToString())
+    assert pretrained_cli.main([str(onnx_path), "-o", str(tmp_path / "vit.keras"), "--check", "4"]) == 0
+    assert float(capsys.readouterr().out.split("min cosine ")[1].split(",")[0]) >= 0.99999

@@ -59,6 +59,7 @@ def test_shipped_recipes_load_with_their_names_and_losses():
         "casia_mobilenet_distill.py",
         "casia_mobilenet_subcenter_clean.py",
         *SHARDED,
+        "wf42m_pfc03_40epoch_8gpu_vit_t.py",
     }
     for path in NEEDS_NO_DATA:
         if refused_here(path):
@@ -70,6 +71,13 @@ def test_shipped_recipes_load_with_their_names_and_losses():
         assert loaded.train_kwargs["save_path"].endswith(".keras") and callable(loaded.basic_model)
     glint = recipe.load_recipe(os.path.join(ROOT, "recipes", "glint360k_r100_partial_fc.py"))
     assert glint.train_kwargs["partial_fc_rate"] == 0.1 and isinstance(glint.schedule[0]["loss"], losses.CosFaceLoss)
+    vit = recipe.load_recipe(os.path.join(ROOT, "recipes", "wf42m_pfc03_40epoch_8gpu_vit_t.py"))
+    optimizer, kwargs = vit.schedule[0]["optimizer"], vit.train_kwargs  # arcface_torch's config, as the recipe says
+    assert (
+        isinstance(optimizer, keras.optimizers.AdamW) and optimizer.weight_decay == 0.1 and kwargs["batch_size"] == 512
+    )
+    margin = vit.schedule[0]["loss"].get_config()["margin"]
+    assert (kwargs["partial_fc_rate"], kwargs["lr_decay_power"], margin) == (0.3, 2, 0.4)
 
 
 def test_overrides_and_epochs_scale(tmp_path):

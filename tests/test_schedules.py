@@ -68,6 +68,42 @@ def test_cosine_on_batch_restarts_and_linear_warmup():
     assert float(model.optimizer.learning_rate) == pytest.approx(rates[3 * 50 + 7])
 
 
+def arcface_torch_poly(step, lr_base, warmup, total, power=2.0):
+    """arcface_torch's ``PolyScheduler`` written from its formula: ``lr_base * (1 - (t - warmup) / (total - warmup))
+    ** power`` after the warmup, whose linear ramp reaches ``lr_base`` on its last step as this library's does."""
+    step = np.asarray(step, np.float64)
+    ramp = lr_base * (step + 1) / warmup
+    decay = lr_base * np.clip(1 - (step - warmup) / (total - warmup), 0, None) ** power
+    return np.where(step < warmup, ramp, decay)
+
+
+@pytest.mark.parametrize(
+    "decay_steps, warmup_steps, steps_per_epoch", [(36, 4, 10), (3600, 400, 100)], ids=["epochs", "batches"]
+)
+def test_polynomial_decay_after_warmup_is_arcface_torch_s(decay_steps, warmup_steps, steps_per_epoch):
+    """40 epochs, the first 4 warmup (the ViT recipe's shape), given in epochs (10 batches each) or in batches (100
+    each): the rate of every batch of a training loop, and of the standalone object, is arcface_torch's."""
+    scheduler = myCallbacks.build_lr_scheduler(
+        0.001, 0, decay_steps, lr_warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, lr_decay_power=2
+    )
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.AdamW(0.5))
+    scheduler.set_model(model)
+    rates = []
+    for epoch in range(40):
+        scheduler.on_epoch_begin(epoch)
+        rates += [scheduler.on_train_batch_begin(batch) for batch in range(steps_per_epoch)]
+    total = 40 * steps_per_epoch
+    expected = arcface_torch_poly(np.arange(total), 0.001, total // 10, total)
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
+    assert float(model.optimizer.learning_rate) == pytest.approx(expected[-1])
+    assert rates[total // 10 - 1] == pytest.approx(0.001) and rates[total * 55 // 100] == pytest.approx(0.001 / 4)
+    standalone = myCallbacks.PolynomialScheduler(0.001, 3600, 2, warmup_steps=400)
+    assert [standalone.on_train_batch_begin(step) for step in (0, 2200, 5000)] == pytest.approx([2.5e-6, 2.5e-4, 0])
+    with pytest.raises(ValueError, match="lr_decay_power > 0 decays over lr_decay_steps > 0 steps"):
+        myCallbacks.build_lr_scheduler(0.001, 0.1, [10, 20], lr_decay_power=2)
+
+
 def test_seed_standalone_scheduler_objects():
     aa = myCallbacks.CosineLrScheduler(0.001, first_restart_step=24, lr_min=1e-7, warmup_iters=1, m_mul=0.4)
     assert aa.on_epoch_begin(25) == pytest.approx(0.0004)

@@ -1,5 +1,6 @@
 """Face-recognition models trained with other tools, read as this library's own networks: insightface model-zoo
-ONNX graphs, arcface_torch checkpoints (``backbone.pth`` / ``model.pt``) and Keras_insightface ``.h5`` releases.
+ONNX graphs, arcface_torch checkpoints (``backbone.pth`` / ``model.pt``) and ONNX exports (IResNet, MobileFaceNet and
+its vision transformers) and Keras_insightface ``.h5`` releases.
 
 ``read_foreign_model(path)`` returns a :class:`ForeignModel`: the backbone built from ``backbones/`` with the
 file's depth, widths and input size (strided convolutions padded as PyTorch / MXNet do when the weights come from
@@ -23,14 +24,16 @@ import re
 import numpy as np
 
 from keras_insightface.data.formats import IMAGE_MEAN, SEEDS_SCALE
-from keras_insightface.models import onnx_graph, torch_checkpoint
-from keras_insightface.models.backbones import mobile_facenet, resnet
+from keras_insightface.models import onnx_graph, onnx_vit, torch_checkpoint
+from keras_insightface.models.backbones import mobile_facenet, resnet, vit
 
 TORCH_SUFFIXES = (".pth", ".pt")
 ONNX_SUFFIXES = (".onnx",)
 KERAS2_SUFFIXES = (".h5", ".hdf5")
 TORCH_NORMALIZATION = (np.full(3, 1 / IMAGE_MEAN), np.full(3, -1.0))  # arcface_torch: (x - 127.5) / 127.5
 STRIDED_STAGES = 4  # IResNet and MobileFaceNet halve the input four times before the head
+FIRST_CONVS = {"iresnet": "stem_conv", "mbf": "stem_conv", "vit": "patch_embed"}  # where the input scale is folded
+VIT_BATCH_NORM = (vit.FEATURE_HEAD["bn_epsilon"], vit.FEATURE_HEAD["bn_momentum"])
 
 
 @dataclasses.dataclass
@@ -41,7 +44,7 @@ class ForeignModel:
     backbone: object  # a keras.Model from backbones/
     head: dict
     weights: dict  # layer name -> weights in the layer's order and Keras layout
-    batch_norms: dict  # batch-norm layer name -> (epsilon, momentum)
+    batch_norms: dict  # normalization layer name -> (epsilon, momentum); a LayerNorm's momentum is None
     path: str = ""
 
 
@@ -239,6 +242,93 @@ def _mbf_from_state_dict(state_dict, batch_norms):
     )
 
 
+def _vit_input_size(state_dict, settings, patch):
+    """``(height, width)``: the graph's when it says, else square; 112 (arcface_torch's) when it gives as many
+    patches, else exactly the patches' pixels."""
+    tokens = state_dict.shape("pos_embed")[1]
+    height, width = settings.get("input_size", (None, None))
+    if height and width:
+        if (height // patch) * (width // patch) != tokens:
+            raise ValueError(f"{state_dict.path}: {tokens} position embeddings for a {height}x{width} input")
+        return height, width
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{state_dict.path}: {tokens} position embeddings are not a square grid of patches")
+    size = 112 if 112 // patch == side else side * patch
+    return size, size
+
+
+def _vit_layout_name(width, depth, patch, hidden, heads):
+    """The arcface_torch size (``vit_t``, ``vit_s``, ``vit_b``, ``vit_l``) with this layout, else ``vit``."""
+    for name, (known_width, known_depth, _, _) in vit.VIT_LAYOUTS.items():
+        arcface = (known_width, known_depth, vit.PATCH_SIZE, known_width * vit.MLP_RATIO, vit.NUM_HEADS)
+        if (width, depth, patch, hidden, heads) == arcface:
+            return name.split("_dp")[0]
+    return "vit"
+
+
+def _vit_weights(state_dict, depth, width):
+    """Keras weights of every layer of our ViT and its VIT head; an export has no mask token (zeros then)."""
+
+    def linear(name):
+        bias = [state_dict[name + ".bias"]] if name + ".bias" in state_dict else []
+        return [state_dict[name + ".weight"].T, *bias]
+
+    def norm(name):
+        return [state_dict[name + ".weight"], state_dict[name + ".bias"]]
+
+    mask_token = state_dict["mask_token"] if "mask_token" in state_dict else np.zeros((1, 1, width), np.float32)
+    weights = {
+        "patch_embed": [
+            state_dict["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+            state_dict["patch_embed.proj.bias"],
+        ],
+        "pos_embed": [state_dict["pos_embed"]],
+        "mask_tokens": [mask_token],
+        "norm": norm("norm"),
+        "VIT_dense": linear("feature.0"),
+        "VIT_batchnorm": _torch_weights(state_dict, "feature.1", "bn"),
+        "head_dense": linear("feature.2"),
+        "pre_embedding": _torch_weights(state_dict, "feature.3", "bn"),
+    }
+    for index in range(depth):
+        torch_prefix, ours = f"blocks.{index}.", f"block{index + 1}_"
+        for torch_name, kind in (("norm1", norm), ("attn.qkv", linear), ("attn.proj", linear), ("norm2", norm)):
+            weights[ours + torch_name.replace(".", "_")] = kind(torch_prefix + torch_name)
+        weights[ours + "mlp_fc1"], weights[ours + "mlp_fc2"] = (
+            linear(torch_prefix + "mlp.fc1"),
+            linear(torch_prefix + "mlp.fc2"),
+        )
+    return weights
+
+
+def _vit_from_state_dict(state_dict, batch_norms, settings):
+    """arcface_torch VisionTransformer (any width, depth, patch size and MLP width) -> ``(backbone, head, weights,
+    normalizations, summary)``, built without drop path and masking (inference, fine-tuning). A state dict does not
+    record the heads: arcface_torch's 8 unless the graph shows them (``settings``)."""
+    width, _, patch, _ = state_dict.shape("patch_embed.proj.weight")
+    depth = state_dict.count("blocks.", ".attn.qkv.weight")
+    hidden = state_dict.shape("blocks.0.mlp.fc1.weight")[0]
+    heads = settings.get("num_heads", vit.NUM_HEADS)
+    name = _vit_layout_name(width, depth, patch, hidden, heads)
+    size = _vit_input_size(state_dict, settings, patch)
+    backbone = vit.vit((*size, 3), patch, width, depth, heads, hidden / width, 0.0, 0.0, name=name)
+    weights = _vit_weights(state_dict, depth, width)
+    normalizations = {
+        "VIT_batchnorm": batch_norms.get("feature.1", VIT_BATCH_NORM),
+        "pre_embedding": batch_norms.get("feature.3", VIT_BATCH_NORM),
+    }
+    epsilons = settings.get("layer_norm_epsilon", {})
+    layer_norms = [("norm", "norm")] + [
+        (f"blocks.{index}.{norm}", f"block{index + 1}_{norm}") for index in range(depth) for norm in ("norm1", "norm2")
+    ]
+    normalizations.update({ours: (epsilons.get(key, vit.LAYER_NORM_EPSILON), None) for key, ours in layer_norms})
+    head = dict(output_layer="VIT", emb_shape=int(state_dict.shape("feature.2.weight")[0]), use_bias=False)
+    heads_from = "" if "num_heads" in settings else " as arcface_torch's"
+    summary = f"ViT {name} (width {width}, depth {depth}, {heads} heads{heads_from}, patch {patch}, MLP {hidden})"
+    return backbone, head, weights, normalizations, summary
+
+
 def _input_scale(affine, path):
     """Per input channel, the factor that turns our input into what the network's first conv expects.
 
@@ -255,14 +345,19 @@ def _input_scale(affine, path):
     return scale / SEEDS_SCALE
 
 
-def _from_state_dict(state_dict, batch_norms, affine, architecture, origin, path):
-    """A :class:`ForeignModel` of an arcface_torch state dict, the input normalization folded in."""
+def _from_state_dict(state_dict, batch_norms, affine, architecture, origin, path, settings=None):
+    """A :class:`ForeignModel` of an arcface_torch state dict, the input normalization folded in; ``settings`` are
+    what an ONNX graph shows beyond its weights (a ViT's heads, input size, LayerNorm epsilons)."""
     state_dict = _StateDict(state_dict, path)
-    build = {"iresnet": _iresnet_from_state_dict, "mbf": _mbf_from_state_dict}[architecture]
-    backbone, head, weights, batch_norms, summary = build(state_dict, batch_norms)
+    if architecture == "vit":
+        backbone, head, weights, batch_norms, summary = _vit_from_state_dict(state_dict, batch_norms, settings or {})
+    else:
+        build = {"iresnet": _iresnet_from_state_dict, "mbf": _mbf_from_state_dict}[architecture]
+        backbone, head, weights, batch_norms, summary = build(state_dict, batch_norms)
     state_dict.check_all_taken()
     factor = _input_scale(affine, path)
-    weights["stem_conv"] = [weights["stem_conv"][0] * factor[None, None, :, None].astype(np.float32)]
+    first = FIRST_CONVS[architecture]  # a scale folds exactly into its kernel: its padding, if any, stays zero
+    weights[first] = [weights[first][0] * factor[None, None, :, None].astype(np.float32), *weights[first][1:]]
     size = "x".join(str(dim) for dim in backbone.input_shape[1:3])
     convention = "no input scale" if np.allclose(factor, 1) else f"its input scale x{float(np.mean(factor)):.6f} folded"
     description = (
@@ -277,8 +372,11 @@ def _torch_architecture(state_dict, path):
         return "iresnet"
     if "layers.0.layers.0.weight" in state_dict and "conv_sep.layers.0.weight" in state_dict:
         return "mbf"
+    if "patch_embed.proj.weight" in state_dict and "pos_embed" in state_dict:
+        return "vit"
     raise ValueError(
-        f"{path}: not an arcface_torch IResNet or MobileFaceNet state dict (keys start {', '.join(list(state_dict)[:4])})"
+        f"{path}: not an arcface_torch IResNet, MobileFaceNet or ViT state dict (keys start"
+        f" {', '.join(list(state_dict)[:4])})"
     )
 
 
@@ -289,12 +387,17 @@ def _read_torch(path):
 
 
 def _read_onnx(path):
-    state_dict, batch_norms, affine, architecture = onnx_graph.read_onnx_state_dict(path)
+    model, settings = onnx_graph.load_onnx(path), {}
+    if onnx_vit.is_transformer(model):
+        state_dict, batch_norms, affine, settings = onnx_vit.read_vit_state_dict(path, model)
+        architecture = "vit"
+    else:
+        state_dict, batch_norms, affine, architecture = onnx_graph.read_onnx_state_dict(path, model)
     origin = "insightface ONNX" + (
         " (PyTorch export)" if affine is None else " (normalizing in the graph, MXNet style)"
     )
     affine = TORCH_NORMALIZATION if affine is None else affine
-    return _from_state_dict(state_dict, batch_norms, affine, architecture, origin, path)
+    return _from_state_dict(state_dict, batch_norms, affine, architecture, origin, path, settings)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -535,5 +638,7 @@ def assign_weights(model, foreign):
             )
         layers[name].set_weights(values)
     for name, (epsilon, momentum) in foreign.batch_norms.items():
-        layers[name].epsilon, layers[name].momentum = float(epsilon), float(momentum)
+        layers[name].epsilon = float(epsilon)
+        if momentum is not None:
+            layers[name].momentum = float(momentum)
     return model

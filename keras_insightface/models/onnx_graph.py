@@ -77,7 +77,7 @@ def load_onnx(path):
 
 def input_is_channels_first(model):
     """True when the graph's image input is NCHW with 3 channels, the layout of insightface's recognition models."""
-    inputs = _value_inputs(model.graph)
+    inputs = value_inputs(model.graph)
     dims = inputs[0].type.tensor_type.shape.dim if inputs else []
     return len(dims) == 4 and dims[1].dim_value == 3
 
@@ -95,27 +95,28 @@ def is_insightface_graph(path):
 def normalizes_input(path):
     """True when the graph normalizes its input itself (``Sub`` / ``Mul`` nodes at the input, MXNet exports): it is
     fed 0..255 pixels; PyTorch exports are fed ``(x - 127.5) / 127.5``."""
-    graph = _Graph(load_onnx(path), path)
-    return _input_affine(graph)[2] != graph.input
+    graph = Graph(load_onnx(path), path)
+    return input_affine(graph)[2] != graph.input
 
 
-def _value_inputs(graph):
+def value_inputs(graph):
     initializers = {init.name for init in graph.initializer}
     return [value for value in graph.input if value.name not in initializers]
 
 
-class _Graph:
+class Graph:
     """Constants and consumers of an ONNX graph's tensors, with pass-through nodes and shape computations skipped."""
 
     def __init__(self, model, path):
         onnx = _onnx(path)
         self.path, graph = path, model.graph
         self.constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
-        self.alias, self.users = {}, collections.defaultdict(list)
+        self.alias, self.users, self.producer = {}, collections.defaultdict(list), {}
         for node in graph.node:
             inputs = [self.resolve(name) for name in node.input]
+            self.producer.update((name, node) for name in node.output)
             if node.op_type == "Constant":
-                value = next(iter(_attributes(node).values()), None)  # value, value_float, value_ints ...
+                value = next(iter(node_attributes(node).values()), None)  # value, value_float, value_ints ...
                 is_tensor = isinstance(value, onnx.TensorProto)
                 self.constants[node.output[0]] = onnx.numpy_helper.to_array(value) if is_tensor else np.asarray(value)
             elif node.op_type in PASS_THROUGH_OPS or (node.op_type == "Cast" and inputs[0] in self.constants):
@@ -124,7 +125,7 @@ class _Graph:
                 for name in inputs:
                     if name and name not in self.constants:
                         self.users[name].append(node)
-        self.input = _value_inputs(graph)[0].name
+        self.input = value_inputs(graph)[0].name
         self.output = self.resolve(graph.output[0].name)
 
     def resolve(self, name):
@@ -150,7 +151,7 @@ class _Graph:
         return UnsupportedGraphError(f"{self.path}: unsupported op {node.op_type} at node '{node.name}' ({where})")
 
 
-def _attributes(node):
+def node_attributes(node):
     import onnx
 
     return {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
@@ -164,8 +165,8 @@ def _is_join(graph, node):
 # ---------------------------------------------------------------------------------------------------------
 # Reading the units of the graph
 # ---------------------------------------------------------------------------------------------------------
-def _batch_norm_values(graph, node):
-    attributes = _attributes(node)
+def batch_norm_values(graph, node):
+    attributes = node_attributes(node)
     if attributes.get("training_mode", 0):
         raise UnsupportedGraphError(f"{graph.path}: node '{node.name}' is a batch norm in training mode")
     names = ("weight", "bias", "running_mean", "running_var")
@@ -186,7 +187,7 @@ def _identity_batch_norm(channels, bias=None):
 
 def _read_conv(graph, node):
     """A ``Conv`` node with the batch norm and the PReLU that follow it alone: ``(ConvUnit, output tensor)``."""
-    attributes = _attributes(node)
+    attributes = node_attributes(node)
     dilated = any(dilation != 1 for dilation in attributes.get("dilations", [1]))
     if attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or dilated:
         raise UnsupportedGraphError(
@@ -199,7 +200,7 @@ def _read_conv(graph, node):
     if batch_norm_node is None:
         batch_norm = _identity_batch_norm(kernel.shape[0], bias)
     else:
-        batch_norm, tensor = _batch_norm_values(graph, batch_norm_node), batch_norm_node.output[0]
+        batch_norm, tensor = batch_norm_values(graph, batch_norm_node), batch_norm_node.output[0]
         if bias is not None:  # BN(conv + b) == BN with its mean moved by b
             batch_norm["running_mean"] = batch_norm["running_mean"] - bias
     unit = ConvUnit(
@@ -229,7 +230,7 @@ def _prelu_slope(graph, node, channels):
 def _read_dense(graph, node):
     """A ``Gemm`` (``transB``, ``alpha``, ``beta``) or a ``MatMul`` [+ constant ``Add``]: weight (out, in), bias."""
     if node.op_type == "Gemm":
-        attributes = _attributes(node)
+        attributes = node_attributes(node)
         if attributes.get("transA", 0):
             raise UnsupportedGraphError(f"{graph.path}: node '{node.name}': Gemm with transA is not supported")
         weight = graph.constant(node, 1)
@@ -248,11 +249,11 @@ def _read_unit(graph, node):
     if node.op_type == "Conv":
         return _read_conv(graph, node)
     if node.op_type == "BatchNormalization":
-        return Unit(node.name, "batch_norm", _batch_norm_values(graph, node)), node.output[0]
+        return Unit(node.name, "batch_norm", batch_norm_values(graph, node)), node.output[0]
     if node.op_type == "PRelu":
         return Unit(node.name, "prelu", {"slope": graph.constant(node, 1)}), node.output[0]
     if node.op_type in ("Flatten", "Reshape"):
-        if node.op_type == "Flatten" and _attributes(node).get("axis", 1) != 1:
+        if node.op_type == "Flatten" and node_attributes(node).get("axis", 1) != 1:
             raise graph.unsupported(node, "a Flatten that keeps more than the batch axis")
         return Unit(node.name, "flatten", {}), node.output[0]
     if node.op_type in ("Gemm", "MatMul"):
@@ -299,7 +300,7 @@ def _read_block(graph, tensor, users):
     return Block(add.name, branches[0][0], shortcut), add.output[0]
 
 
-def _input_affine(graph):
+def input_affine(graph):
     """``(scale, offset, first tensor)``: the per-channel ``x * scale + offset`` that ``Sub`` / ``Mul`` / ``Div`` /
     ``Add`` nodes with constants apply at the input (MXNet exports), ``(1, 0)`` when there are none."""
     scale, offset, tensor = np.ones(3), np.zeros(3), graph.input
@@ -467,8 +468,9 @@ def _mbf_state_dict(path, units):
     return namer.state_dict, namer.batch_norms
 
 
-def read_onnx_state_dict(path):
-    """``(state_dict, batch_norms, input_affine, architecture)`` of an insightface recognition ONNX graph.
+def read_onnx_state_dict(path, model=None):
+    """``(state_dict, batch_norms, input_affine, architecture)`` of an insightface recognition ONNX graph (``model``:
+    the file already loaded).
 
     ``state_dict`` uses arcface_torch's names and PyTorch layouts (folded batch norms become convolutions plus an
     identity batch norm carrying the bias), ``batch_norms`` maps each batch norm to its ``(epsilon, momentum)``,
@@ -476,11 +478,11 @@ def read_onnx_state_dict(path):
     the input apply to 0..255 pixels (MXNet exports), or None when there are none and the caller normalizes
     (PyTorch exports), and ``architecture`` is ``"iresnet"`` or ``"mbf"``.
     """
-    model = load_onnx(path)
+    model = load_onnx(path) if model is None else model
     if not input_is_channels_first(model):
         raise UnsupportedGraphError(f"{path}: the input is not an NCHW 3-channel image, as insightface models take")
-    graph = _Graph(model, path)
-    scale, offset, first = _input_affine(graph)
+    graph = Graph(model, path)
+    scale, offset, first = input_affine(graph)
     units, _ = _walk(graph, first)
     stem = units[0] if units and isinstance(units[0], ConvUnit) else None
     if stem is None:

@@ -13,10 +13,11 @@ import re
 import keras
 
 from keras_insightface.data.formats import normalize_image
-from keras_insightface.models.backbones import ghostnet, mobile_facenet, resnest, resnet, vargfacenet
+from keras_insightface.models.backbones import ghostnet, mobile_facenet, resnest, resnet, vargfacenet, vit
+from keras_insightface.models.backbones.blocks import StochasticDepth
 
 EMBEDDING_LAYER_NAME = "embedding"
-OUTPUT_LAYERS = ("E", "GDC", "GAP", "F")
+OUTPUT_LAYERS = ("E", "GDC", "GAP", "F", "VIT")
 TF_DEFAULT_BN_MOMENTUM, TF_DEFAULT_BN_EPSILON = 0.99, 1e-3
 
 # keras.applications models Keras_insightface lists by name; any other keras.applications name also works.
@@ -85,6 +86,8 @@ def _custom_builders():
         builders[f"mobilenetv3_{size}"] = functools.partial(_mobilenet_v3, size)
     for variant in ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"):
         builders[f"efficientnet{variant}"] = functools.partial(_efficientnet, variant)
+    for name in vit.VIT_LAYOUTS:
+        builders[name] = functools.partial(vit.arcface_torch_vit, name)
     return builders
 
 
@@ -99,6 +102,10 @@ NAME_ALIASES = {
     **{f"iresnet{depth}": f"r{depth}" for depth in resnet.IRESNET_DEPTHS},
     **{f"se_iresnet{depth}": f"se_r{depth}" for depth in resnet.IRESNET_DEPTHS},
 }
+# The embedding head a backbone is built with when ``buildin_models`` is not told otherwise (others: GDC, TensorFlow's
+# batch-norm defaults): arcface_torch's ViTs come with their own feature head.
+HEAD_DEFAULTS = {name: vit.FEATURE_HEAD for name in vit.VIT_LAYOUTS}
+DEFAULT_HEAD = dict(output_layer="GDC", bn_momentum=TF_DEFAULT_BN_MOMENTUM, bn_epsilon=TF_DEFAULT_BN_EPSILON)
 
 
 def buildin_model_names():
@@ -114,9 +121,11 @@ def _name_groups():
     """Backbone names grouped for ``print_buildin_models``."""
     iresnets = [name for name in CUSTOM_MODELS if re.fullmatch(r"(se_)?r\d+", name)]
     efficientnets = [name for name in CUSTOM_MODELS if name.startswith("efficientnet")]
-    others = [name for name in CUSTOM_MODELS if name not in iresnets + efficientnets]
+    vits = list(vit.VIT_LAYOUTS)
+    others = [name for name in CUSTOM_MODELS if name not in iresnets + efficientnets + vits]
     return {
         "IResNet (insightface)": iresnets,
+        "ViT (arcface_torch)": vits,
         "Keras application": list(KERAS_APPLICATION_MODELS),
         "EfficientNet (no Rescaling / Normalization)": efficientnets,
         "Custom": others,
@@ -217,6 +226,12 @@ def _embedding_head(nn, output_layer, emb_shape, dropout, use_bias, bn_momentum,
     elif output_layer == "F":
         nn = keras.layers.Flatten(name="F_flatten")(nn)
         nn = dense(maybe_dropout(nn))
+    elif output_layer == "VIT":  # arcface_torch's ViT head: every token flattened, Linear to the width, BatchNorm
+        initializer = keras.initializers.TruncatedNormal(stddev=0.02)
+        width = nn.shape[-1]
+        nn = keras.layers.Flatten(name="VIT_flatten")(nn)
+        nn = keras.layers.Dense(width, use_bias=False, kernel_initializer=initializer, name="VIT_dense")(nn)
+        nn = dense(maybe_dropout(batch_norm("VIT_batchnorm")(nn)))
     else:  # GDC: global depthwise conv over the whole feature map, then a linear 1x1 conv
         kernel_size = (int(nn.shape[1]), int(nn.shape[2]))
         nn = keras.layers.DepthwiseConv2D(kernel_size, use_bias=False, name="GDC_dw")(nn)
@@ -229,14 +244,23 @@ def _embedding_head(nn, output_layer, emb_shape, dropout, use_bias, bn_momentum,
     return nn
 
 
+def head_settings(stem_model, output_layer=None, bn_momentum=None, bn_epsilon=None):
+    """``(output_layer, bn_momentum, bn_epsilon)`` of the head ``buildin_models`` puts on ``stem_model``: the values
+    given, the others from the backbone's ``HEAD_DEFAULTS`` (a name's), else ``DEFAULT_HEAD``."""
+    name = resolve_backbone_name(stem_model)[0] if isinstance(stem_model, str) else None
+    defaults = HEAD_DEFAULTS.get(name, DEFAULT_HEAD)
+    given = dict(output_layer=output_layer, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
+    return tuple(defaults[key] if value is None else value for key, value in given.items())
+
+
 def buildin_models(
     stem_model,
     dropout=0,
     emb_shape=512,
     input_shape=(112, 112, 3),
-    output_layer="GDC",
-    bn_momentum=TF_DEFAULT_BN_MOMENTUM,
-    bn_epsilon=TF_DEFAULT_BN_EPSILON,
+    output_layer=None,
+    bn_momentum=None,
+    bn_epsilon=None,
     add_pointwise_conv=False,
     use_bias=False,
     scale=True,
@@ -247,10 +271,13 @@ def buildin_models(
     """Build a basic model: backbone -> [pointwise conv] -> head -> BatchNormalization -> float32 ``embedding``.
 
     ``stem_model`` is a backbone name (case-insensitive, see ``print_buildin_models``) or a Keras model whose
-    output is a 4D feature map. MXNet insightface used ``bn_momentum=0.9, bn_epsilon=2e-5`` and
+    output is a 4D feature map. ``output_layer``, ``bn_momentum`` and ``bn_epsilon`` left None take the backbone's
+    own head (arcface_torch's for the ViTs: ``HEAD_DEFAULTS``), else a GDC head with TensorFlow's batch-norm settings
+    (0.99, 1e-3). MXNet insightface used ``bn_momentum=0.9, bn_epsilon=2e-5`` and
     ``scale=False`` (``fix_gamma=True``). ``use_prelu`` replaces the backbone's ReLUs with PReLU.
     Extra ``kwargs`` go to the backbone constructor.
     """
+    output_layer, bn_momentum, bn_epsilon = head_settings(stem_model, output_layer, bn_momentum, bn_epsilon)
     output_layer = str(output_layer).upper()
     if output_layer not in OUTPUT_LAYERS:
         raise ValueError(f"output_layer={output_layer!r} is not one of {OUTPUT_LAYERS}")
@@ -390,39 +417,6 @@ def get_l2_regularizer_value(model):
             if isinstance(regularizer, keras.regularizers.L2):
                 return float(regularizer.l2)
     return 0.0
-
-
-@keras.saving.register_keras_serializable(package="insightface")
-class StochasticDepth(keras.layers.Layer):
-    """Residual add with stochastic depth: ``[shortcut, residual]`` -> ``shortcut + residual * b / p``.
-
-    While training, ``b`` is drawn per sample from Bernoulli(``survival_probability`` = p), so a whole residual
-    branch is dropped for that sample and kept branches are scaled by 1 / p; at inference the layer is exactly
-    ``shortcut + residual``, so ``replace_stochastic_depth_with_add`` does not change predictions.
-    """
-
-    def __init__(self, survival_probability=0.8, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        if not 0 < survival_probability <= 1:
-            raise ValueError(f"survival_probability must be in (0, 1], got {survival_probability}")
-        self.survival_probability = float(survival_probability)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, inputs, training=None):
-        shortcut, residual = inputs
-        if not training or self.survival_probability == 1:
-            return shortcut + residual
-        batch_shape = (keras.ops.shape(residual)[0],) + (1,) * (len(residual.shape) - 1)
-        keep = keras.random.uniform(batch_shape, seed=self.seed_generator) < self.survival_probability
-        scale = keras.ops.cast(keep, residual.dtype) / keras.ops.cast(self.survival_probability, residual.dtype)
-        return shortcut + residual * scale
-
-    def compute_output_shape(self, input_shape):
-        return input_shape[0]
-
-    def get_config(self):
-        return {**super().get_config(), "survival_probability": self.survival_probability, "seed": self.seed}
 
 
 def _is_residual_add(layer):
@@ -673,7 +667,7 @@ def copy_weights(source, target):
                 f"layer '{name}': weights of shapes {found} in the pretrained model, the model needs {needed}"
             )
         target_layers[name].set_weights(layer.get_weights())
-        if isinstance(layer, keras.layers.BatchNormalization):  # the statistics were gathered with this epsilon
+        if isinstance(layer, keras.layers.BatchNormalization | keras.layers.LayerNormalization):  # trained with it
             target_layers[name].epsilon = layer.epsilon
     return target
 

@@ -49,6 +49,13 @@ def cosine_with_restarts(step, lr_base, first_restart_step, m_mul=0.5, t_mul=2.0
     return lr_min + max(peak - lr_min, 0.0) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def polynomial_decay(step, lr_base, decay_steps, power=2.0, lr_min=0.0):
+    """``lr_min + (lr_base - lr_min) * (1 - step / decay_steps) ** power``, ``lr_min`` from ``decay_steps`` on
+    (arcface_torch's ``PolyScheduler`` after its warmup, with power 2)."""
+    progress = min(max(step, 0) / decay_steps, 1.0)
+    return lr_min + (lr_base - lr_min) * (1 - progress) ** power
+
+
 def linear_warmup(step, warmup_steps, lr_base, lr_min=0.0):
     """Linear ramp from ``lr_min`` up to ``lr_base``: step ``warmup_steps - 1`` already runs at ``lr_base``."""
     return lr_min + (lr_base - lr_min) * (step + 1) / warmup_steps
@@ -142,9 +149,37 @@ class CosineLrScheduler(_LrScheduler):
         return self._apply(self._rate(step))
 
 
-def build_lr_scheduler(lr_base, lr_decay, lr_decay_steps, lr_min=0.0, lr_warmup_steps=0, steps_per_epoch=1):
-    """Pick the schedule from the ``Train`` arguments: a list of epochs -> step decay; ``1 < lr_decay_steps < 500``
-    -> cosine with restarts on epochs; ``>= 500`` -> the same on batches; otherwise exponential decay (README table)."""
+class PolynomialScheduler(_LrScheduler):
+    """Linear warmup over ``warmup_steps``, then ``polynomial_decay`` over ``decay_steps``, set at every batch.
+
+    Steps are epochs when ``decay_steps < 500`` (both then count whole epochs, the rate moves every batch by
+    ``1 / steps_per_epoch`` of an epoch), else batches, as for the cosine schedule. Standalone (no model),
+    ``on_train_batch_begin(global batch)`` returns the rate of that batch.
+    """
+
+    def __init__(self, lr_base, decay_steps, power=2.0, lr_min=0.0, warmup_steps=0, steps_per_epoch=1):
+        batches = 1 if decay_steps >= 500 else steps_per_epoch  # batches per step of the arguments
+        super().__init__(lr_base, warmup_steps * batches, on_batch=True, steps_per_epoch=steps_per_epoch, lr_min=lr_min)
+        self.decay_batches, self.power = decay_steps * batches, power
+
+    def lr_at(self, step):
+        return polynomial_decay(step, self.lr_base, self.decay_batches, self.power, self.lr_min)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = batch if getattr(self, "_model", None) is None else self.epoch * self.steps_per_epoch + batch
+        return self._apply(self._rate(step))
+
+
+def build_lr_scheduler(
+    lr_base, lr_decay, lr_decay_steps, lr_min=0.0, lr_warmup_steps=0, steps_per_epoch=1, lr_decay_power=0
+):
+    """Pick the schedule from the ``Train`` arguments: ``lr_decay_power > 0`` -> polynomial decay over
+    ``lr_decay_steps``; a list of epochs -> step decay; ``1 < lr_decay_steps < 500`` -> cosine with restarts on
+    epochs; ``>= 500`` -> the same on batches; otherwise exponential decay (README table)."""
+    if lr_decay_power > 0:
+        if isinstance(lr_decay_steps, list | tuple) or lr_decay_steps <= 0:
+            raise ValueError(f"lr_decay_power > 0 decays over lr_decay_steps > 0 steps, got {lr_decay_steps!r}")
+        return PolynomialScheduler(lr_base, lr_decay_steps, lr_decay_power, lr_min, lr_warmup_steps, steps_per_epoch)
     if isinstance(lr_decay_steps, list | tuple):
         return ConstantDecayScheduler(lr_base, lr_decay_steps, lr_decay, warmup_steps=lr_warmup_steps)
     if 1 < lr_decay_steps < 500:

@@ -23,6 +23,7 @@ class TrainConfig(data.PipelineOptions):
     lr_decay_steps: object = 0  # see myCallbacks.build_lr_scheduler
     lr_min: float = 0.0
     lr_warmup_steps: int = 0
+    lr_decay_power: float = 0  # > 0: polynomial decay over lr_decay_steps (arcface_torch's ViTs: 2)
     eval_freq: int = 1  # > 1 also evaluates every eval_freq batches
     eval_batch_size: int = 128
     eval_image_scale: float = data.SEEDS_SCALE
@@ -76,6 +77,7 @@ OPTION_RULES = {
     "lr_decay_steps": either(number(0), sequence_of(number(0), lengths=None)),
     "lr_min": number(0),
     "lr_warmup_steps": integer(0),
+    "lr_decay_power": number(0),
     "eval_freq": integer(1),
     "eval_batch_size": integer(1),
     "eval_image_scale": number(0, low_open=True),

@@ -178,7 +178,7 @@ class Train:
         config = self.config
         lr_scheduler = run_callbacks.build_lr_scheduler(
             config.lr_base, config.lr_decay, config.lr_decay_steps, config.lr_min, config.lr_warmup_steps,
-            updates_per_epoch,
+            updates_per_epoch, config.lr_decay_power,
         )  # fmt: skip
         callbacks = [
             lr_scheduler,

@@ -47,3 +47,44 @@ def se_block(inputs, reduction=16, activation="prelu", gate="sigmoid", reduced_f
         nn = keras.layers.Activation(activation, name=name + activation)(nn)
     nn = keras.layers.Conv2D(filters, 1, activation=gate, name=name + "expand")(nn)
     return keras.layers.Multiply(name=name + "out")([inputs, nn])
+
+
+@keras.saving.register_keras_serializable(package="insightface")
+class StochasticDepth(keras.layers.Layer):
+    """Residual add with stochastic depth: ``[shortcut, residual]`` -> ``shortcut + residual * b / p``.
+
+    While training, ``b`` is drawn per sample from Bernoulli(``survival_probability`` = p), so a whole residual
+    branch is dropped for that sample and kept branches are scaled by 1 / p; at inference the layer is exactly
+    ``shortcut + residual``, so ``replace_stochastic_depth_with_add`` does not change predictions.
+    """
+
+    def __init__(self, survival_probability=0.8, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < survival_probability <= 1:
+            raise ValueError(f"survival_probability must be in (0, 1], got {survival_probability}")
+        self.survival_probability = float(survival_probability)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        shortcut, residual = inputs
+        if not training or self.survival_probability == 1:
+            return shortcut + residual
+        batch_shape = (keras.ops.shape(residual)[0],) + (1,) * (len(residual.shape) - 1)
+        keep = keras.random.uniform(batch_shape, seed=self.seed_generator) < self.survival_probability
+        scale = keras.ops.cast(keep, residual.dtype) / keras.ops.cast(self.survival_probability, residual.dtype)
+        return shortcut + residual * scale
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        return {**super().get_config(), "survival_probability": self.survival_probability, "seed": self.seed}
+
+
+def residual_add(shortcut, residual, drop_rate=0.0, seed=None, name="add"):
+    """``shortcut + residual``: a plain ``Add``, or with ``drop_rate`` > 0 a ``StochasticDepth`` that drops the whole
+    residual of a sample with that probability while training (timm's ``DropPath``)."""
+    if drop_rate <= 0:
+        return keras.layers.Add(name=name)([shortcut, residual])
+    return StochasticDepth(1 - drop_rate, seed=seed, name=name)([shortcut, residual])
