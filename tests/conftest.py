@@ -29,3 +29,9 @@ def demo_small(tmp_path_factory):
         image_size=32,
         seed=1,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: with one test process per core (pytest-xdist, a module at a time) the modules with long tests
+    start early and the short ones fill in at the end, instead of a long test starting last on an idle machine."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

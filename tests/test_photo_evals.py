@@ -312,6 +312,7 @@ def test_cli_folder_and_compare(demo_small, photos, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bad_images_of_a_folder_are_named_in_one_line_without_tensorflows_log(tmp_path):
+    """The command's whole stderr is its one-line error: no TensorFlow start-up lines, no codec messages."""
     for name in ("a", "b"):
         os.makedirs(tmp_path / "faces" / name)
         for index in range(2):
