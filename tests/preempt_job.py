@@ -19,15 +19,21 @@ from keras_insightface.nn import losses
 from keras_insightface.training import train
 
 
-class SigtermAt(keras.callbacks.Callback):
-    def __init__(self, update):
+class AtUpdate(keras.callbacks.Callback):
+    """Calls ``action()`` at the end of the ``update``-th update of the run (counted across epochs)."""
+
+    def __init__(self, update, action):
         super().__init__()
-        self.update, self.seen = update, 0
+        self.update, self.action, self.seen = update, action, 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.seen += 1
         if self.seen == self.update:
-            os.kill(os.getpid(), signal.SIGTERM)
+            self.action()
+
+
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def record_labels(trainer, seen):
@@ -52,7 +58,7 @@ def main():
     parser.add_argument("--sigterm_at", type=int, default=0)
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
-    callbacks = [SigtermAt(args.sigterm_at)] if args.sigterm_at else []
+    callbacks = [AtUpdate(args.sigterm_at, sigterm)] if args.sigterm_at else []
     trainer = train.Train(
         args.data_dir, args.save_path, basic_model=tiny_basic_model(), batch_size=8, seed=5, verbose=0,
         plot_history=False, callbacks=callbacks,

@@ -316,6 +316,19 @@ def test_unreadable_images_are_skipped_and_named(tmp_path):
     assert ds.skipped.drain() == (0, [])  # drained
 
 
+def test_a_pipeline_started_later_reports_only_the_unreadable_images_it_reads(tmp_path):
+    """A resumed run's pipeline starts at a later batch: the records before its start are not "skipped images".
+    From epoch 2 on, 15 good images read cover all 15 files of epoch 2 (3 bad) and at most 3 bad ones of epoch 3."""
+    bad = _folder_with_unreadable_files(str(tmp_path / "ds"))
+    ds = data.prepare_dataset(
+        str(tmp_path / "ds"), batch_size=5, img_shape=(8, 8), random_status=-1, cache_dir=str(tmp_path / "c"), seed=0
+    )
+    pixels, _ = _pixels_and_labels(ds.at(1, 0), 3)
+    assert len(pixels) == 15
+    count, names = ds.skipped.drain()
+    assert 3 <= count <= 6 and count == len(names) and set(names) == set(bad)
+
+
 def test_verify_images_decodes_fully_and_caches(tmp_path, monkeypatch):
     bad = _folder_with_unreadable_files(str(tmp_path / "ds"))
     cache = str(tmp_path / "cache")

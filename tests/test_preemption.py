@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import tiny_basic_model
-from preempt_job import record_labels
+from preempt_job import AtUpdate, record_labels
 
 from keras_insightface.data import pipeline as data
 from keras_insightface.data import shards
@@ -95,17 +95,9 @@ def test_the_records_before_the_start_never_reach_the_decoder(sources, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------ the trainer
-class CrashAt(keras.callbacks.Callback):
-    """Raises at the ``update``-th update of the run: a crash after which only the checkpoints on disk are left."""
-
-    def __init__(self, update):
-        super().__init__()
-        self.update, self.seen = update, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seen += 1
-        if self.seen == self.update:
-            raise RuntimeError("crash")
+def crash():
+    """A crash after which only the checkpoints on disk are left."""
+    raise RuntimeError("crash")
 
 
 def _recording(trainer, seen):
@@ -132,7 +124,7 @@ def test_a_crash_after_a_timed_checkpoint_resumes_at_its_step_with_the_same_data
     assert int(whole.optimizer.iterations.numpy()) == total
 
     path, seen_before = str(tmp_path / "crashed.keras"), []
-    crashed = _recording(_trainer(demo_small, path, [CrashAt(20)], checkpoint_minutes=1e-9), seen_before)
+    crashed = _recording(_trainer(demo_small, path, [AtUpdate(20, crash)], checkpoint_minutes=1e-9), seen_before)
     with pytest.raises(RuntimeError, match="crash"):
         crashed.train([dict(stage) for stage in SCHEDULE], 0)
     state = run_state.read_run_state(path)

@@ -459,9 +459,9 @@ def _with_recent_keys(records, start):
     return records.scan((tf.constant(start, tf.int64), empty), remember)
 
 
-def _report_gaps(batches, skipped):
+def _report_gaps(batches, skipped, start):
     """Drop the bookkeeping of batches ``(images, targets, seq, recent)``, recording the records missing
-    between consecutive sequence numbers in ``skipped``."""
+    between consecutive sequence numbers (the first expected is ``start``) in ``skipped``."""
     import tensorflow as tf
 
     def report(gaps, recent):
@@ -475,7 +475,7 @@ def _report_gaps(batches, skipped):
         with tf.control_dependencies([reported]):
             return tf.identity(seq[-1]), (images, targets)
 
-    return batches.scan(tf.constant(-1, tf.int64), check)
+    return batches.scan(tf.constant(start - 1, tf.int64), check)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -590,7 +590,7 @@ def _batches_at(source, skipped, batch_size, img_shape, options, batch):
     ds = _with_recent_keys(source.records_at(start), start)
     load = _decode_and_augment(img_shape, options, source.is_path)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = _report_gaps(ds.ignore_errors().batch(batch_size, drop_remainder=True), skipped)
+    ds = _report_gaps(ds.ignore_errors().batch(batch_size, drop_remainder=True), skipped, start)
     if options.image_per_class > 0:
         ds = _regroup_by_label(ds.unbatch(), options.image_per_class).batch(batch_size, drop_remainder=True)
     if options.mixup_alpha > 0:
