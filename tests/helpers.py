@@ -244,9 +244,10 @@ def free_ports(count):
     return ports
 
 
-def run_together(commands, env, timeout):
+def run_together(commands, env, timeout, status=0):
     """Start the processes of one distributed job at once and wait for all: their stdouts, in order. A process that
-    fails fails the test with the end of its stderr; none outlives the call."""
+    ends with another exit status than ``status`` fails the test with the end of its stderr; none outlives the
+    call."""
     procs = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for command in commands
@@ -255,7 +256,7 @@ def run_together(commands, env, timeout):
     try:
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, stderr[-3000:]
+            assert proc.returncode == status, stderr[-3000:]
             outputs.append(stdout)
     finally:
         for proc in procs:

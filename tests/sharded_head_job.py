@@ -89,20 +89,21 @@ def per_device_bytes(variable):
 
 
 # ---------------------------------------------------------------------------------------------- step
-STEP_CASES = {
-    "arcface": (lambda: losses.ArcfaceLoss(scale=16), {}),
-    "magface_subcenter": (lambda: losses.MagFaceLoss(scale=16), {"lossTopK": 3}),  # the norm column, 3 centers
+STEP_CASES = {  # name: (loss, stage options, sharded_head)
+    "arcface": (lambda: losses.ArcfaceLoss(scale=16), {}, True),
+    "magface_subcenter": (lambda: losses.MagFaceLoss(scale=16), {"lossTopK": 3}, True),  # the norm column, 3 centers
+    "arcface_groups_of_4": (lambda: losses.ArcfaceLoss(scale=16), {}, 4),  # mesh (2, 4): two copies of the head
 }
 
 
 def step_case(name, classes, batch):
-    make_loss, options = STEP_CASES[name]
+    make_loss, options, sharded_head = STEP_CASES[name]
     keras.distribution.set_distribution(None)
     reference = built_stage(make_loss(), classes, None, **options)
     start = [np.asarray(variable.value) for variable in reference.model.weights]  # no padding without sharding
     want_logs, want_temp = run_one_step(reference, classes, batch)
     want_kernel, want_slot = head_arrays(reference)
-    keras.distribution.set_distribution(sharding.head_distribution(True))
+    keras.distribution.set_distribution(sharding.head_distribution(sharded_head))
     try:
         sharded = built_stage(make_loss(), classes, start, **options)
         logs, temp = run_one_step(sharded, classes, batch)

@@ -12,6 +12,7 @@ import pytest
 from helpers import free_ports, run_together, write_tagged_rec
 
 from keras_insightface.data import shards
+from keras_insightface.training import run_state
 
 pytestmark = pytest.mark.slow  # trains models or starts processes
 
@@ -40,21 +41,30 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
         assert row["loss_single"][1] != row["loss_single"][0]  # the two epochs really trained
 
 
-def test_two_worker_multiworker_epoch(demo_small, tmp_path):
-    """Two workers train in step; each reads its own half of a .rec and of a shard folder, and together they see
-    every image once per epoch."""
+def test_two_worker_multiworker_epoch_stopped_by_sigterm_on_one_worker_resumes(demo_small, tmp_path):
+    """Two workers train in step; SIGTERM reaches only the second one during update 4 of 7: both save at that same
+    step and exit 143 (neither waits forever for the other's collectives). Started again, both go on at update 5
+    with the same step count as an uninterrupted epoch; each reads its own half of a .rec and of a shard folder,
+    and together they see every image once per epoch."""
     rec_dir, shard_dir = str(tmp_path / "tagged_rec"), str(tmp_path / "tagged_shards")
     write_tagged_rec(rec_dir, [3, 2, 4, 3, 4])  # 16 tagged images: one step of 8 images per worker and epoch
     shards.write_shards(rec_dir, shard_dir, num_shards=4, cache_dir=str(tmp_path / "cache"), progress=False)
-    ports = [str(port) for port in free_ports(2)]
     job = os.path.join(HERE, "multiworker_job.py")
-    commands = [
-        [sys.executable, job, *ports, str(index), demo_small["train_dir"], str(tmp_path), rec_dir, shard_dir]
-        for index in range(2)
-    ]
-    outputs = [_json_lines(stdout)[-1] for stdout in run_together(commands, ENV, timeout=400)]
+
+    def commands(*extra_of_second):
+        ports = [str(port) for port in free_ports(2)]
+        args = [demo_small["train_dir"], str(tmp_path), rec_dir, shard_dir]
+        return [[sys.executable, job, *ports, "0", *args], [sys.executable, job, *ports, "1", *args, *extra_of_second]]
+
+    stopped = run_together(commands("--sigterm_at", "4"), ENV, timeout=400, status=143)
+    assert all("saved; the same command or script resumes it" in stdout for stdout in stopped)
+    assert not os.path.exists(tmp_path / "mw.keras.lock")
+    state = run_state.read_run_state(str(tmp_path / "mw.keras"))
+    assert (state["epochs"], state["step"]) == (0, 4)
+    outputs = [_json_lines(stdout)[-1] for stdout in run_together(commands(), ENV, timeout=400)]
     chief, other = sorted(outputs, key=lambda row: row["index"])
     assert chief["chief"] and not other["chief"] and chief["workers"] == other["workers"] == 2
+    assert chief["updates"] == other["updates"] == 3 and chief["iterations"] == other["iterations"] == 7
     assert chief["loss"] == pytest.approx(other["loss"]) and len(chief["loss"]) == 1
     assert chief["trainable"] == pytest.approx(other["trainable"], rel=1e-6)  # workers stay in sync
     assert os.path.exists(tmp_path / "mw.keras") and os.path.exists(tmp_path / "mw_hist.json")

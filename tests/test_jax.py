@@ -12,6 +12,7 @@ import pytest
 from helpers import free_ports, run_together, write_tagged_rec
 
 from keras_insightface.models import zoo as models
+from keras_insightface.training import run_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.slow  # a JAX process that trains
@@ -40,19 +41,25 @@ def test_jax_data_parallel_equals_one_device_and_the_model_loads_on_tensorflow(t
         np.testing.assert_allclose(basic(images), np.load(tmp_path / "jax_embeddings.npy"), atol=1e-5)
 
 
-def test_two_jax_processes_read_their_own_halves_of_a_rec_and_train_in_step(tmp_path):
-    """Two processes joined by ``jax.distributed`` (loopback, gloo): each reads its own half of a .rec's images
-    into the global batch, together every image once per epoch, and both end with the same weights."""
+def test_two_jax_processes_read_their_own_halves_of_a_rec_train_in_step_and_stop_together(tmp_path):
+    """Two processes joined by ``jax.distributed`` (loopback, gloo): each reads its own half of a .rec's images into
+    the global batch, together every image once per epoch; they train in step, and when SIGTERM reaches only the
+    second one during update 1 of 2, both save at that step and exit 143 with the same weights."""
     rec_dir = str(tmp_path / "rec")
     write_tagged_rec(rec_dir, [3, 2, 4, 3, 4])  # 16 tagged images: per epoch 2 global batches of 8
     port = str(free_ports(1)[0])
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
     job = os.path.join(HERE, "jax_multiprocess_job.py")
-    commands = [[sys.executable, job, port, str(index), rec_dir, str(tmp_path)] for index in range(2)]
-    results = [json.loads(stdout.split("RESULT")[-1]) for stdout in run_together(commands, env, timeout=600)]
+    sigterm_at = {0: [], 1: ["1"]}  # the second process sends itself SIGTERM during update 1
+    commands = [[sys.executable, job, port, str(index), rec_dir, str(tmp_path), *sigterm_at[index]] for index in (0, 1)]
+    stdouts = run_together(commands, env, timeout=600, status=143)
+    results = [json.loads(stdout.split("RESULT")[-1]) for stdout in stdouts]
     first, second = sorted(results, key=lambda row: row["index"])
     assert first["processes"] == 2 and first["devices"] == 2 and first["chief"] and not second["chief"]
     for mine, theirs in zip(first["tags"], second["tags"]):
         assert len(mine) == len(theirs) == 8 and sorted(mine + theirs) == list(range(16))
-    assert first["loss"] == second["loss"] and np.isfinite(first["loss"]).all()
-    assert first["trainable"] == pytest.approx(second["trainable"], rel=1e-6)
+    assert first["updates"] == second["updates"] == 1 and first["iterations"] == second["iterations"] == 1
+    assert np.isfinite(first["trainable"]) and first["trainable"] == pytest.approx(second["trainable"], rel=1e-6)
+    assert all("saved; the same command or script resumes it" in stdout for stdout in stdouts)
+    state = run_state.read_run_state(str(tmp_path / "mp.keras"))
+    assert (state["epochs"], state["step"]) == (0, 1)

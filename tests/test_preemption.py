@@ -158,6 +158,28 @@ def test_preemption_saves_when_the_interval_passes_and_stops_on_a_signal():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and preemption.exit_status(guard.received) == 143
 
 
+def test_the_processes_of_a_run_take_each_decision_together():
+    """With several processes, ``agree`` tells what any of them wants: another process's due save or signal saves or
+    stops this one at the same step, and this one's own signal is passed to the others before it acts on it."""
+    asked, others, saved = [], [np.zeros(3, bool)], []
+
+    def agree(flags):  # what the other process wants, as a collective would tell: [save due, SIGTERM, SIGINT]
+        asked.append(flags.tolist())
+        return flags | others[0]
+
+    guard = preemption.Preemption(lambda *at: saved.append(at[:2]), agree=agree)
+    with guard:
+        assert guard.after_step(0, 1, {}) is False and saved == [] and asked == [[False, False, False]]
+        others[0] = np.array([True, False, False])
+        assert guard.after_step(0, 2, {}) is False and saved == [(0, 2)]
+        others[0] = np.array([False, False, True])
+        assert guard.stop_at_epoch_end() is True and guard.received == signal.SIGINT
+        others[0] = np.zeros(3, bool)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.after_step(1, 1, {}) is True and asked[-1] == [False, True, False] and saved[-1] == (1, 1)
+    assert guard.received == signal.SIGTERM and len(asked) == 4
+
+
 @pytest.mark.slow
 def test_sigterm_mid_epoch_saves_releases_the_lock_exits_143_and_the_restart_goes_on_there(demo_small, tmp_path):
     """Two processes side by side: an uninterrupted run, and one that gets SIGTERM during update 20 (epoch 2 of

@@ -65,9 +65,10 @@ def eight_devices(demo_small, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["arcface", "magface_subcenter"])
+@pytest.mark.parametrize("case", ["arcface", "magface_subcenter", "arcface_groups_of_4"])
 def test_a_sharded_step_equals_the_replicated_step(eight_devices, case):
-    """Same start, same batch: the loss, the updated kernel and its momentum agree to 1e-5 (relative)."""
+    """Same start, same batch: the loss, the updated kernel and its momentum agree to 1e-5 (relative); with the head
+    over all 8 devices, and over groups of 4 (``sharded_head=4``: two copies, each batch split over all 8)."""
     row = eight_devices["step"][case]
     assert eight_devices["step"]["devices"] == 8
     sharded, replicated = row["loss"]
@@ -76,12 +77,15 @@ def test_a_sharded_step_equals_the_replicated_step(eight_devices, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, top_k", [("arcface", 1), ("magface_subcenter", 3)])
-def test_each_device_holds_an_eighth_of_the_head_and_its_momentum(eight_devices, case, top_k):
+@pytest.mark.parametrize(
+    "case, top_k, split", [("arcface", 1, 8), ("magface_subcenter", 3, 8), ("arcface_groups_of_4", 1, 4)]
+)
+def test_each_device_holds_its_share_of_the_head_and_its_momentum(eight_devices, case, top_k, split):
+    """An eighth on each of the 8 devices; a quarter with ``sharded_head=4``."""
     row = eight_devices["step"][case]
     total = 8192 * top_k * 32 * 4  # classes x K x embedding x float32: no padding at 8192 classes
     for per_device, whole in (row["kernel_bytes"], row["slot_bytes"]):
-        assert whole == total and per_device == [total // 8]  # every one of the 8 shards
+        assert whole == total and per_device == [total // split]  # every one of the 8 devices
 
 
 @pytest.mark.slow

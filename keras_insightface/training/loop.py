@@ -73,7 +73,7 @@ class EpochLoop:
             if self.verbose:
                 print(f"     {(steps_run - first_step) * global_batch_size / (time.time() - began):.1f} images/s")
             callbacks.on_epoch_end(epoch, epoch_logs)
-            if model.stop_training or (interrupt is not None and interrupt.stop_requested):
+            if model.stop_training or (interrupt is not None and interrupt.stop_at_epoch_end()):
                 break
         callbacks.on_train_end()
         return False

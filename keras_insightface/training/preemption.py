@@ -7,14 +7,16 @@ stops; the trainer then releases its lock and ends the process (status 143 for S
 once, as if the first had not been caught. ``checkpoint_minutes`` also saves the run every that many minutes,
 which covers the kills no signal announces. A run that restarts from such a checkpoint goes on at the saved step.
 
-Signals are taken over only in the main thread of a single-process run: the processes of a multi-worker run stop
-their collective steps together or not at all, so there a signal keeps its usual effect and the run resumes from its
-last checkpoint (an epoch end, or the last ``checkpoint_minutes`` save).
+The processes of a multi-worker run must stop their collective steps together: there each step boundary asks all of
+them (``agree``: a collective of three flags) whether any has received a signal or is due for a timed save, and all
+save and stop at that same step. Signals are taken over in the main thread only.
 """
 
 import signal
 import threading
 import time
+
+import numpy as np
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -22,13 +24,15 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Preemption:
     """The epoch loop's ``interrupt``: ``after_step(epoch, step, totals)`` saves through ``save(epoch, step,
     totals)`` when a signal came or the checkpoint interval passed, and returns True when training must stop now.
-    Use it as a context manager around the training of a stage (it installs and restores the signal handlers)."""
+    ``agree(flags) -> flags``: element-wise, whether any process of a multi-worker run set each flag (None: one
+    process). Use it as a context manager around the training of a stage (it installs and restores the signal
+    handlers)."""
 
-    def __init__(self, save, checkpoint_minutes=None, catch_signals=True, clock=time.monotonic):
-        self.save, self.clock = save, clock
+    def __init__(self, save, checkpoint_minutes=None, clock=time.monotonic, agree=None):
+        self.save, self.clock, self.agree = save, clock, agree
         self.interval = None if checkpoint_minutes is None else 60.0 * checkpoint_minutes
-        self.catch_signals = catch_signals and threading.current_thread() is threading.main_thread()
-        self.received, self._previous, self._last_save = None, {}, clock()
+        self.catch_signals = threading.current_thread() is threading.main_thread()  # Python's rule for handlers
+        self.pending, self.received, self._previous, self._last_save = None, None, {}, clock()
 
     def __enter__(self):
         if self.catch_signals:
@@ -46,20 +50,32 @@ class Preemption:
         self._previous = {}
 
     def _on_signal(self, number, frame):
-        self.received = signal.Signals(number)
+        self.pending = signal.Signals(number)
         self._restore()  # a second signal is not caught
-        print(f"\n>>>> {self.received.name}: saving at the next step, then stopping ({self.received.name} again: now)")
+        print(f"\n>>>> {self.pending.name}: saving at the next step, then stopping ({self.pending.name} again: now)")
 
-    @property
-    def stop_requested(self):
-        return self.received is not None
+    def _decide(self, due):
+        """``(save now, the signal that stops the run or None)``; with several processes, what any of them wants
+        (SIGTERM before SIGINT), so that all take the same decision at the same step."""
+        pending = self.pending
+        if self.agree is None:
+            return due, pending
+        wanted = self.agree(np.array([due] + [pending == number for number in SIGNALS]))
+        stop = next((signal.Signals(number) for number, anyone in zip(SIGNALS, wanted[1:]) if anyone), None)
+        return bool(wanted[0]), stop
 
     def after_step(self, epoch, step, totals):
         """Called by the epoch loop after each call of steps that ended inside an epoch; True: stop training now."""
         due = self.interval is not None and self.clock() - self._last_save >= self.interval
-        if self.received is not None or due:
+        due, self.received = self._decide(due)
+        if due or self.received is not None:
             self.save(epoch, step, totals)
             self._last_save = self.clock()
+        return self.received is not None
+
+    def stop_at_epoch_end(self):
+        """Called by the epoch loop at each epoch end (the epoch's checkpoint is written): True: stop training."""
+        _, self.received = self._decide(False)
         return self.received is not None
 
 

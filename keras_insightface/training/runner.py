@@ -8,9 +8,11 @@ events and logs as ``model.fit``. TensorFlow-only: this is the seam where a runn
 """
 
 import contextlib
+import functools
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_insightface.data import pipeline as data
@@ -73,6 +75,17 @@ class StepRunner(EpochLoop):
             return make_worker_dataset(batch_size, shard)
 
         return self.strategy.distribute_datasets_from_function(worker_dataset)
+
+    def any_process(self, flags):
+        """Element-wise: whether any worker of the strategy set each of ``flags`` (booleans). A collective: every
+        worker calls it at the same point of the run."""
+        return self._summed_over_replicas(tf.constant(np.asarray(flags, np.float32))).numpy() > 0
+
+    @functools.cached_property
+    def _summed_over_replicas(self):
+        """A traced all-reduce (an eager one takes twice as long: 5.5 against 2.4 ms on loopback)."""
+        strategy = self.strategy
+        return tf.function(lambda local: strategy.reduce("SUM", strategy.run(tf.identity, args=(local,)), axis=None))
 
     # ------------------------------------------------------------------------------------------ the step
     def _forward(self, stage, images, targets):

@@ -15,6 +15,7 @@ import contextlib
 
 import jax
 import keras
+import numpy as np
 
 from keras_insightface.data import pipeline as data
 from keras_insightface.nn import losses
@@ -74,6 +75,13 @@ class JaxStepRunner(EpochLoop):
         else:
             put = lambda array: jax.device_put(array, sharding)  # noqa: E731
         return (jax.tree.map(put, batch) for batch in batches)
+
+    def any_process(self, flags):
+        """Element-wise: whether any JAX process of the run set each of ``flags`` (booleans). A collective: every
+        process calls it at the same point of the run."""
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(np.asarray(flags, np.float32)).sum(axis=0) > 0
 
     # ------------------------------------------------------------------------------------------ the step
     def _state_variables(self, stage, partial_fc=None):

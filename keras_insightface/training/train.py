@@ -229,12 +229,14 @@ class Train:
             self.stop_reason = "nan" if nan_guard.nan_epoch is not None else "gently_stop"
 
     def _preemption(self, stage):
-        """SIGTERM / SIGINT and ``checkpoint_minutes`` saves for the stage (signals in single-process runs only)."""
+        """SIGTERM / SIGINT and ``checkpoint_minutes`` saves for the stage; the processes of a multi-worker run agree
+        on each decision, so that all save and stop at the same step."""
 
         def save(epoch, update, totals):
             self.files.save_mid_epoch(stage.model, self.history, stage.center_loss, self.config.seed, update, totals)
 
-        return Preemption(save, self.config.checkpoint_minutes, catch_signals=self.files.processes == 1)
+        agree = self.runner.any_process if self.files.processes > 1 else None
+        return Preemption(save, self.config.checkpoint_minutes, agree=agree)
 
     def _epochs_done(self, initial_epoch):
         """Epochs after ``initial_epoch`` that an interrupted run completed (0 for a fresh run), with the history
