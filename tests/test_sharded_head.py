@@ -49,6 +49,18 @@ def test_the_option_takes_true_or_a_device_count():
             TrainConfig.from_options({"sharded_head": bad})
 
 
+def test_optimizer_slots_saved_with_or_without_padding_classes_fit_the_head_they_load_into():
+    """A sharded run's checkpoint resumes without ``sharded_head`` and the reverse: a slot is cut to, or padded with
+    zero classes to, the head's class count (the padding sits at the end of the class axis)."""
+    saved = np.arange(12.0).reshape(2, 6)  # 2 x (4 real classes + 2 padding columns, zero in a real checkpoint)
+    np.testing.assert_array_equal(models.fit_to_shape(saved, (2, 4)), [[0, 1, 2, 3], [6, 7, 8, 9]])
+    np.testing.assert_array_equal(models.fit_to_shape(saved[:, :4], (2, 6))[:, 4:], np.zeros((2, 2)))
+    np.testing.assert_array_equal(models.fit_to_shape(saved, (2, 6)), saved)
+    for shape in ((3, 4), (2, 6, 1)):
+        with pytest.raises(ValueError, match="does not fit"):
+            models.fit_to_shape(saved, shape, "run.keras")
+
+
 @pytest.mark.skipif(not on_tensorflow(), reason="the TensorFlow backend's refusal")
 def test_on_tensorflow_the_option_stops_in_one_line_before_any_work(tmp_path):
     with pytest.raises(ValueError) as refused:
@@ -156,11 +168,15 @@ def test_a_run_killed_on_8_devices_resumes_on_4_and_exports_on_1(demo_small, tmp
     assert start["iterations"] == checkpoint["iterations"] == 7 and start["slots_sum"] == checkpoint["slots_sum"] > 0
     assert end["iterations"] == 14 and len(resumed["loss"]) == 2  # the second epoch only, once
     assert end["kernel_bytes"] == [[128 * 2 * 32 * 4 // 4], 128 * 2 * 32 * 4]  # 12 classes padded to 128, 2 centers
-    # one device, no sharding (this backend): the checkpoint holds the 12 x 2 real centers; the embedding model
+    # one device, no sharding (this backend): the checkpoint holds the 12 x 2 real centers, and its optimizer (slots
+    # saved for 128 padded classes) loads onto this head as a resume without sharded_head does; the embedding model
     # loads and exports as from any run
-    full = models.load_model(str(tmp_path / "run.keras"))
+    full = models.load_model(str(tmp_path / "run.keras"), compile=True)
     assert full.get_layer("arcface").kernel.shape == (32, 24)
     np.testing.assert_allclose(full.get_layer("arcface").class_centers(), end["kernel"], rtol=1e-6)
+    slots = [var for var in full.optimizer.variables if var.shape == (32, 24)]
+    assert int(full.optimizer.iterations.value) == 14 and len(slots) == 1
+    assert float(np.abs(np.asarray(slots[0].value)).sum()) == pytest.approx(end["slots_sum"], rel=1e-6)
     basic = models.extract_basic_model(full)
     images, expected = np.load(tmp_path / "probe_images.npy"), np.load(tmp_path / "probe_embeddings.npy")
     np.testing.assert_allclose(np.asarray(basic(images)), expected, rtol=1e-4, atol=1e-5)

@@ -586,6 +586,61 @@ def load_model(model, custom_objects=None, compile=False, safe_mode=True):
         return keras.models.load_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
     except (TypeError, KeyError, AttributeError) as err:  # a saved configuration this Python / Keras cannot rebuild
         raise ValueError(f"{path}: cannot rebuild the saved model: {_rebuild_failure(err)}") from None
+    except ValueError:
+        if not (compile and path.endswith(".keras")):
+            raise
+        return _load_fitting_optimizer_slots(path, custom_objects, safe_mode)
+
+
+def _load_fitting_optimizer_slots(path, custom_objects, safe_mode):
+    """A ``.keras`` checkpoint whose optimizer slots do not fit the model they load into: those of a cosine head
+    saved with padding classes (a run with ``sharded_head``) loading onto one without them, or the reverse. The
+    model loads as saved, the optimizer is rebuilt from the saved compile configuration, and each slot is cut to,
+    or padded with zeros to, its variable's shape (padding classes sit at the end of the class axis)."""
+    import io
+    import json
+    import zipfile
+
+    import h5py
+
+    model = keras.models.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
+    with zipfile.ZipFile(path) as archive:
+        compile_config = json.loads(archive.read("config.json")).get("compile_config")
+        weights = archive.read("model.weights.h5")
+    with h5py.File(io.BytesIO(weights), "r") as store:
+        saved = store.get("optimizer/vars", {})
+        values = [saved[str(index)][()] for index in range(len(saved))]
+    if compile_config is None or not values:
+        raise ValueError(f"{path}: the saved optimizer state does not load into this model")
+    with keras.saving.custom_object_scope(custom_objects or {}):
+        model.compile_from_config(compile_config)
+    variables = model.optimizer.variables
+    if len(values) != len(variables):
+        raise ValueError(f"{path}: {len(values)} saved optimizer variables, {len(variables)} in this model's optimizer")
+    resized = 0
+    for variable, value in zip(variables, values):
+        resized += tuple(value.shape) != tuple(variable.shape)
+        variable.assign(fit_to_shape(value, tuple(variable.shape), path))
+    if resized:
+        print(f">>>> {path}: {resized} optimizer slot(s) of the head fitted to its classes (saved with other padding)")
+    return model
+
+
+def fit_to_shape(value, shape, path=""):
+    """``value`` cut or zero-padded at the end of the one axis where its shape differs from ``shape``."""
+    import numpy as np
+
+    differ = [axis for axis, (have, want) in enumerate(zip(value.shape, shape)) if have != want]
+    if len(value.shape) != len(shape) or len(differ) > 1:
+        raise ValueError(f"{path}: a saved optimizer slot of shape {value.shape} does not fit {shape}")
+    if not differ:
+        return value
+    axis, want = differ[0], shape[differ[0]]
+    if value.shape[axis] > want:
+        return np.take(value, np.arange(want), axis=axis)
+    padding = [(0, 0)] * value.ndim
+    padding[axis] = (0, want - value.shape[axis])
+    return np.pad(value, padding)
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
