@@ -38,6 +38,7 @@ setup(
         "mtcnn>=1.0",  # face detector; its weights ship inside the wheel
         "tensorboard",  # keras.callbacks.TensorBoard needs it
         "google-crc32c",  # the checksums of TFRecord shards, in C
+        "h5py",  # reads Keras_insightface .h5 files and the weights inside a .keras checkpoint
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "ruff", "tf2onnx", "onnxruntime", "jax[cpu]", "wheel"],
