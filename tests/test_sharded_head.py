@@ -15,6 +15,7 @@ import pytest
 from helpers import on_tensorflow
 
 from keras_insightface.models import zoo as models
+from keras_insightface.nn import heads
 from keras_insightface.training import train
 from keras_insightface.training.config import TrainConfig
 
@@ -53,12 +54,12 @@ def test_optimizer_slots_saved_with_or_without_padding_classes_fit_the_head_they
     """A sharded run's checkpoint resumes without ``sharded_head`` and the reverse: a slot is cut to, or padded with
     zero classes to, the head's class count (the padding sits at the end of the class axis)."""
     saved = np.arange(12.0).reshape(2, 6)  # 2 x (4 real classes + 2 padding columns, zero in a real checkpoint)
-    np.testing.assert_array_equal(models.fit_to_shape(saved, (2, 4)), [[0, 1, 2, 3], [6, 7, 8, 9]])
-    np.testing.assert_array_equal(models.fit_to_shape(saved[:, :4], (2, 6))[:, 4:], np.zeros((2, 2)))
-    np.testing.assert_array_equal(models.fit_to_shape(saved, (2, 6)), saved)
+    np.testing.assert_array_equal(heads.fit_to_shape(saved, (2, 4)), [[0, 1, 2, 3], [6, 7, 8, 9]])
+    np.testing.assert_array_equal(heads.fit_to_shape(saved[:, :4], (2, 6))[:, 4:], np.zeros((2, 2)))
+    np.testing.assert_array_equal(heads.fit_to_shape(saved, (2, 6)), saved)
     for shape in ((3, 4), (2, 6, 1)):
         with pytest.raises(ValueError, match="does not fit"):
-            models.fit_to_shape(saved, shape, "run.keras")
+            heads.fit_to_shape(saved, shape, "run.keras: a saved optimizer slot")
 
 
 @pytest.mark.skipif(not on_tensorflow(), reason="the TensorFlow backend's refusal")

@@ -17,7 +17,7 @@ import math
 import tensorflow as tf
 
 
-def _seeds(seed, count):
+def split_seed(seed, count):
     """``count`` independent stateless seeds drawn from ``seed``."""
     return tf.unstack(tf.random.experimental.stateless_split(seed, num=count))
 
@@ -25,7 +25,7 @@ def _seeds(seed, count):
 def random_process_image(image, seed, img_shape=(112, 112), random_status=0, random_crop=(100, 100, 3)):
     """Augment one float32 0..255 image at level ``random_status`` (see the module docstring), its random draws
     made from ``seed``."""
-    flip, brightness, contrast, saturation, crop = _seeds(seed, 5)
+    flip, brightness, contrast, saturation, crop = split_seed(seed, 5)
     if random_status >= 0:
         image = tf.image.stateless_random_flip_left_right(image, flip)
     if random_status >= 100:
@@ -46,7 +46,7 @@ def rand_augment(image, seed, magnitude=5.0, num_ops=2):
     """RandAugment-style: ``num_ops`` random ops out of colour and geometric ones, strength ``magnitude`` (0-10),
     each with a random sign, drawn from ``seed``."""
     level = magnitude / 10.0
-    choice_seed, sign_seed = _seeds(seed, 2)
+    choice_seed, sign_seed = split_seed(seed, 2)
     choices = tf.random.stateless_uniform([num_ops], choice_seed, 0, len(_RAND_AUGMENT_OPS), dtype=tf.int32)
     signs = tf.where(tf.random.stateless_uniform([num_ops], sign_seed) < 0.5, -1.0, 1.0)
     for index in range(num_ops):
@@ -95,7 +95,7 @@ def _rotate(image, degrees):
 
 def random_cutout_mask(image, probability, seed):
     """Simulated face mask: with ``probability`` fill the image from a random row near the nose tip downwards."""
-    row_seed, color_seed, apply_seed = _seeds(seed, 3)
+    row_seed, color_seed, apply_seed = split_seed(seed, 3)
     height = tf.shape(image)[0]
     start = tf.cast(tf.cast(height, tf.float32) * tf.random.stateless_uniform([], row_seed, 0.55, 0.7), tf.int32)
     rows = tf.range(height)[:, None, None]
@@ -107,7 +107,7 @@ def random_cutout_mask(image, probability, seed):
 def mixup(images, labels, alpha, seed):
     """Batch mixup that keeps labels sparse: each image is mixed with a random partner of the batch with a weight
     drawn from Beta(alpha, alpha). Returns ``(mixed images, partner labels, weights of the own labels)``."""
-    seed_a, seed_b, partner_seed = _seeds(seed, 3)
+    seed_a, seed_b, partner_seed = split_seed(seed, 3)
     batch = tf.shape(images)[0]
     gamma_a = tf.random.stateless_gamma([batch], seed_a, alpha)
     gamma_b = tf.random.stateless_gamma([batch], seed_b, alpha)

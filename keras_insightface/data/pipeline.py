@@ -490,9 +490,7 @@ def _decode_and_augment(img_shape, options, is_path):
 
     def load(seq, recent, image, label, embedding=None):
         image = decode_image(image, img_shape, is_path=is_path)
-        image_seed, mask_seed = tf.unstack(
-            tf.random.experimental.stateless_split(stream_seed(options.seed, AUGMENT, seq))
-        )
+        image_seed, mask_seed = augment.split_seed(stream_seed(options.seed, AUGMENT, seq), 2)
         image = augment.random_process_image(image, image_seed, img_shape, options.random_status, options.random_crop)
         if options.random_cutout_mask_area > 0:
             image = augment.random_cutout_mask(image, options.random_cutout_mask_area, mask_seed)

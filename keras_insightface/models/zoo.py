@@ -603,6 +603,8 @@ def _load_fitting_optimizer_slots(path, custom_objects, safe_mode):
 
     import h5py
 
+    from keras_insightface.nn.heads import fit_to_shape
+
     model = keras.models.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
     with zipfile.ZipFile(path) as archive:
         compile_config = json.loads(archive.read("config.json")).get("compile_config")
@@ -620,27 +622,10 @@ def _load_fitting_optimizer_slots(path, custom_objects, safe_mode):
     resized = 0
     for variable, value in zip(variables, values):
         resized += tuple(value.shape) != tuple(variable.shape)
-        variable.assign(fit_to_shape(value, tuple(variable.shape), path))
+        variable.assign(fit_to_shape(value, tuple(variable.shape), f"{path}: a saved optimizer slot"))
     if resized:
         print(f">>>> {path}: {resized} optimizer slot(s) of the head fitted to its classes (saved with other padding)")
     return model
-
-
-def fit_to_shape(value, shape, path=""):
-    """``value`` cut or zero-padded at the end of the one axis where its shape differs from ``shape``."""
-    import numpy as np
-
-    differ = [axis for axis, (have, want) in enumerate(zip(value.shape, shape)) if have != want]
-    if len(value.shape) != len(shape) or len(differ) > 1:
-        raise ValueError(f"{path}: a saved optimizer slot of shape {value.shape} does not fit {shape}")
-    if not differ:
-        return value
-    axis, want = differ[0], shape[differ[0]]
-    if value.shape[axis] > want:
-        return np.take(value, np.arange(want), axis=axis)
-    padding = [(0, 0)] * value.ndim
-    padding[axis] = (0, want - value.shape[axis])
-    return np.pad(value, padding)
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"

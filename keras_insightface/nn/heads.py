@@ -77,6 +77,22 @@ def padded_units(layer):
     return -(-layer.units // multiple) * multiple
 
 
+def fit_to_shape(value, shape, what="an array"):
+    """``value`` (numpy) cut, or zero-padded, at the end of the one axis where its shape differs from ``shape``: a
+    head's kernel or optimizer slot saved with more or fewer padding classes than the head it loads into has."""
+    differ = [axis for axis, (have, want) in enumerate(zip(value.shape, shape)) if have != want]
+    if len(value.shape) != len(shape) or len(differ) > 1:
+        raise ValueError(f"{what} of shape {value.shape} does not fit {shape}")
+    if not differ:
+        return value
+    axis, want = differ[0], shape[differ[0]]
+    if value.shape[axis] > want:
+        return np.take(value, np.arange(want), axis=axis)
+    padding = [(0, 0)] * value.ndim
+    padding[axis] = (0, want - value.shape[axis])
+    return np.pad(value, padding)
+
+
 @register
 class NormDense(keras.layers.Layer):
     """Cosine classifier head: ``l2n(x) @ l2n(W, axis=0)`` with kernel ``(emb, units * loss_top_k)``.
@@ -143,10 +159,7 @@ class NormDense(keras.layers.Layer):
         saved = store["0"] if len(store.keys()) == 1 else None
         if saved is None or tuple(saved.shape) == tuple(self.kernel.shape):
             return super().load_own_variables(store)
-        saved = saved[()]
-        padding = [(0, 0), (0, 0)]
-        padding[self.class_axis] = (0, self.kernel.shape[self.class_axis] - saved.shape[self.class_axis])
-        self.kernel.assign(np.pad(saved, padding))
+        self.kernel.assign(fit_to_shape(saved[()], tuple(self.kernel.shape), f"{self.name}: the saved kernel"))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.units + int(self.append_norm))
